@@ -1,0 +1,103 @@
+"""lcrec-jax entry point: run pipeline stages for a config recipe.
+
+  python -m lcrec_jax.main --config=configs/ml100k_quick.py --workdir=runs/ml100k
+  python -m lcrec_jax.main --config=configs/ml100k_quick.py --workdir=runs/ml100k \
+      --stages=index --config.rqvae.epochs=50
+
+Each stage reads what earlier stages wrote in ``--workdir`` and writes its own outputs
+there with a ``DONE`` marker; a finished stage is skipped unless named in ``--force``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Callable
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file with get_config().",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every output of the run.")
+_STAGES = flags.DEFINE_list("stages", ["index"], "Stages to run, in pipeline order.")
+_FORCE = flags.DEFINE_list("force", [], "Stages to re-run even if their outputs are complete.")
+
+STAGE_ORDER = ("index",)
+
+
+class Pipeline:
+  """Lazily computed artefacts shared between stages of one run."""
+
+  def __init__(self, config, workdir: str):
+    self.config = config
+    self.workdir = workdir
+    self._dataset = None
+    self._embeddings = None
+    self._index = None
+
+  @property
+  def dataset(self):
+    if self._dataset is None:
+      from lcrec_jax.data.loaders import load_dataset
+      self._dataset = load_dataset(self.config.data)
+      logging.info("dataset %s: %s", self._dataset.name, self._dataset.summary())
+    return self._dataset
+
+  @property
+  def embeddings(self):
+    if self._embeddings is None:
+      from lcrec_jax.encoders.item_embeddings import item_embeddings
+      t0 = time.perf_counter()
+      self._embeddings = item_embeddings(self.config.embed, self.dataset.item_texts(),
+                                         cache_dir=os.path.join(self.workdir, "cache"))
+      logging.info("item embeddings %s in %.1fs", self._embeddings.shape,
+                   time.perf_counter() - t0)
+    return self._embeddings
+
+  def run_index(self, force: bool):
+    from lcrec_jax.index.stage import run_index_stage
+    self._index = run_index_stage(self.config, self.workdir, self.dataset, self.embeddings,
+                                  force=force)
+
+
+STAGES: dict[str, Callable[[Pipeline, bool], None]] = {
+    "index": Pipeline.run_index,
+}
+
+
+def _check_flags(stages: list[str], force: list[str]) -> None:
+  for flag, names in (("--stages", stages), ("--force", force)):
+    unknown = [s for s in names if s not in STAGES]
+    if unknown:
+      raise app.UsageError(f"{flag}: unknown stage(s) {unknown}; known: {list(STAGE_ORDER)}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/ml100k_quick.py")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required")
+  stages, force = list(_STAGES.value), list(_FORCE.value)
+  _check_flags(stages, force)
+  workdir = _WORKDIR.value
+  os.makedirs(workdir, exist_ok=True)
+  logging.get_absl_handler().use_absl_log_file("main", workdir)
+  logging.get_absl_handler().python_handler.stream = sys.stderr
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(_CONFIG.value.to_json_best_effort(indent=2))
+  pipeline = Pipeline(_CONFIG.value, workdir)
+  for name in STAGE_ORDER:
+    if name in stages:
+      t0 = time.perf_counter()
+      logging.info("== stage %s", name)
+      STAGES[name](pipeline, name in force)
+      logging.info("== stage %s finished in %.1fs", name, time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+  app.run(main)
