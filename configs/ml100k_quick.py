@@ -17,6 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.format = "movielens"     # movielens | recbole | lcrec
   c.data.path = ""                # "" = the recbole wheel's ml-100k files
   c.data.name = "ml-100k"         # file stem for recbole / lcrec formats
+  c.data.on_empty_title = "error"  # error | skip: item with an empty title
 
   # --- item embeddings --------------------------------------------------------------
   c.embed = ml_collections.ConfigDict()
