@@ -55,4 +55,22 @@ def get_config() -> ml_collections.ConfigDict:
   c.index = ml_collections.ConfigDict()
   c.index.repair_rounds = 20      # LC-Rec's Sinkhorn re-assignment rounds
   c.index.repair_sk_epsilon = 0.005
+  # parameters that assign the codes: best_collision (LC-Rec) | best_loss | final
+  c.index.checkpoint = "best_collision"
+
+  # --- alignment tasks and batching (lcrec_jax/tasks) --------------------------------
+  c.tasks = ml_collections.ConfigDict()
+  c.tasks.names = ("seqrec", "item2index", "index2item", "fusionseqrec", "itemsearch",
+                   "preferenceobtain")
+  # Records kept per task, like LC-Rec's --train_data_sample_num (0 = all). ML-100K has
+  # 97,171 seqrec/fusionseqrec prefixes, 1,682 items and 943 users.
+  c.tasks.sample_nums = (0, 0, 0, 0, 0, 0)
+  c.tasks.prompt_sample_nums = (1, 1, 1, 1, 1, 1)  # templates rendered per record
+  c.tasks.max_history = 20
+  c.tasks.preference_from = "history"  # history (items the prompt shows) | train
+  # Static sequence lengths; prompts are cut from the left to fit the largest. With SmolLM2
+  # tokens on ML-100K, seqrec is at most 177 tokens (median 168), fusionseqrec at most 272.
+  c.tasks.buckets = (128, 192, 256, 384)
+  c.tasks.add_bos = None               # None = the tokenizer's add_bos_token
+  c.tasks.eval_template_ids = (0,)     # seqrec templates evaluated (LC-Rec: all, mean/min/max)
   return c

@@ -1,0 +1,397 @@
+"""Tokenized, bucketed, deterministic training batches of task examples.
+
+Frame. Every example becomes ``PROMPT_HEAD + instruction + PROMPT_TAIL`` followed by the
+response and EOS (an Alpaca-style instruction frame, worded here). The prompt ends with
+``"### Response:\\n"`` and the response follows directly, so generation at evaluation
+starts right after that newline; :func:`encode_prompt` gives evaluation exactly the
+prompt ids training used.
+
+Tokenization. The tokenizer is any object with ``encode(text) -> list[int]``, ``eos_id``
+and ``pad_id`` (``bos_id`` when a BOS is added), e.g.
+:class:`lcrec_jax.llm.tokenizer.LCRecTokenizer`. Special tokens are placed here, never by
+the tokenizer (``add_special_tokens=False`` is passed when ``encode`` accepts it). A BOS
+starts every sequence when ``add_bos`` is true, or when it is None (the default) and the
+tokenizer's ``add_bos_token`` is true (LLaMA-1/2 style; SmolLM2 has none). The head, the
+instruction, the tail and the response are encoded separately and concatenated, so the
+prompt/response boundary is exact: ``labels`` are ``-100`` on BOS, the prompt and padding,
+and equal to ``tokens`` on the response and its EOS (labels are aligned with ``tokens``,
+not shifted: logits at ``t - 1`` predict ``labels[t]``).
+
+Lengths. Sequences go into the smallest configured bucket length that holds them, so only
+``len(buckets)`` shapes ever reach ``jit``. A sequence longer than the largest bucket
+loses instruction tokens from the left (the oldest history; the frame is kept); the
+response is never cut: an example whose frame + response alone exceed the largest bucket
+is skipped and counted (``overflow="skip"``, logged) or raises (``overflow="error"``).
+
+Order. Batches have a fixed size. For epoch ``e`` a generator seeded by ``(seed, e)``
+permutes the examples of each bucket, cuts them into batches, and permutes the batch
+order. The plan depends only on ``(seed, epoch)`` and the examples, so a run resumed at
+``start_step`` sees exactly the batches an uninterrupted run would have. A bucket's last
+partial batch is filled up with copies of its examples whose labels are all ``-100``
+(no loss, no NaN from all-padding rows), or dropped with ``drop_remainder=True``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+from typing import Callable, Iterator, Protocol, Sequence
+
+from absl import logging
+import numpy as np
+from tqdm import tqdm
+
+from lcrec_jax.tasks.builders import Example
+
+IGNORE_INDEX = -100
+PROMPT_HEAD = ("The instruction below describes a recommendation task. Answer it with a "
+               "fitting response.\n\n### Instruction:\n")
+PROMPT_TAIL = "\n\n### Response:\n"
+
+
+class TokenizerLike(Protocol):
+  """What batching needs from a tokenizer."""
+
+  eos_id: int
+  pad_id: int
+
+  def encode(self, text: str) -> list[int]:
+    ...
+
+
+def format_prompt(instruction: str) -> str:
+  """The framed prompt text: ``PROMPT_HEAD + instruction + PROMPT_TAIL``."""
+  return PROMPT_HEAD + instruction + PROMPT_TAIL
+
+
+def _encoder(tokenizer: TokenizerLike) -> Callable[[str], list[int]]:
+  """``text -> ids`` without special tokens (passes ``add_special_tokens=False`` when the
+  tokenizer's ``encode`` takes it, as :class:`lcrec_jax.llm.tokenizer.LCRecTokenizer`
+  does; BOS/EOS are placed by batching itself)."""
+  try:
+    params = inspect.signature(tokenizer.encode).parameters
+  except (TypeError, ValueError):
+    params = {}
+  if "add_special_tokens" in params:
+    return lambda text: tokenizer.encode(text, add_special_tokens=False)
+  return tokenizer.encode
+
+
+def _ids(tokenizer: TokenizerLike, text: str) -> np.ndarray:
+  return np.asarray(_encoder(tokenizer)(text), np.int32).reshape(-1)
+
+
+def _encode_many(tokenizer: TokenizerLike, texts: Sequence[str], desc: str,
+                 show_progress: bool, chunk: int = 4096) -> list[np.ndarray]:
+  """Ids of many texts: ``encode_batch`` in chunks when the tokenizer has it."""
+  batch_fn = getattr(tokenizer, "encode_batch", None)
+  out: list[np.ndarray] = []
+  if batch_fn is not None and "add_special_tokens" in inspect.signature(batch_fn).parameters:
+    for start in tqdm(range(0, len(texts), chunk), desc=desc, disable=not show_progress):
+      ids = batch_fn(list(texts[start:start + chunk]), add_special_tokens=False)
+      out.extend(np.asarray(x, np.int32).reshape(-1) for x in ids)
+    return out
+  enc = _encoder(tokenizer)
+  return [np.asarray(enc(t), np.int32).reshape(-1)
+          for t in tqdm(texts, desc=desc, disable=not show_progress)]
+
+
+def _add_bos(tokenizer: TokenizerLike, add_bos: bool | None) -> bool:
+  """``add_bos`` or, when None, the tokenizer's own ``add_bos_token`` (default False)."""
+  return bool(getattr(tokenizer, "add_bos_token", False)) if add_bos is None else add_bos
+
+
+def _bos(tokenizer: TokenizerLike, add_bos: bool | None) -> np.ndarray:
+  if not _add_bos(tokenizer, add_bos):
+    return np.zeros((0,), np.int32)
+  bos = getattr(tokenizer, "bos_id", None)
+  if bos is None:
+    raise ValueError("add_bos is set but the tokenizer has no bos_id")
+  return np.asarray([bos], np.int32)
+
+
+def encode_prompt(tokenizer: TokenizerLike, instruction: str, max_len: int | None = None,
+                  add_bos: bool | None = None) -> np.ndarray:
+  """Prompt ids ``[len]`` int32 as training builds them (BOS?, head, instruction, tail).
+
+  If ``max_len`` is given and the prompt is longer, instruction tokens are dropped from
+  the left; raises ValueError when even the frame does not fit.
+  """
+  head = np.concatenate([_bos(tokenizer, add_bos), _ids(tokenizer, PROMPT_HEAD)])
+  tail = _ids(tokenizer, PROMPT_TAIL)
+  instr = _ids(tokenizer, instruction)
+  if max_len is not None:
+    room = max_len - len(head) - len(tail)
+    if room < 0:
+      raise ValueError(f"max_len={max_len} is shorter than the prompt frame "
+                       f"({len(head) + len(tail)} tokens)")
+    instr = instr[len(instr) - room:] if len(instr) > room else instr
+  return np.concatenate([head, instr, tail]).astype(np.int32)
+
+
+def _check_buckets(buckets: Sequence[int]) -> tuple[int, ...]:
+  b = tuple(int(x) for x in buckets)
+  if not b or any(x <= 0 for x in b) or list(b) != sorted(set(b)):
+    raise ValueError(f"buckets must be distinct positive increasing lengths, got {buckets}")
+  return b
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedExamples:
+  """Examples as token ids, each already fitted into a bucket.
+
+  Attributes:
+    prompts: per example, ``[p]`` int32 prompt ids (BOS?, head, instruction, tail).
+    responses: per example, ``[r]`` int32 response ids followed by EOS.
+    lengths: ``[N]`` int32 ``p + r``.
+    bucket: ``[N]`` int32 bucket length of each example.
+    tasks: task name per example.
+    buckets: the configured bucket lengths.
+    pad_id: padding token id.
+    num_truncated: examples whose instruction was cut from the left.
+    num_skipped: examples dropped because frame + response exceed the largest bucket.
+  """
+
+  prompts: tuple[np.ndarray, ...]
+  responses: tuple[np.ndarray, ...]
+  lengths: np.ndarray
+  bucket: np.ndarray
+  tasks: tuple[str, ...]
+  buckets: tuple[int, ...]
+  pad_id: int
+  num_truncated: int
+  num_skipped: int
+
+  def __len__(self) -> int:
+    return len(self.prompts)
+
+  def save(self, path: str) -> None:
+    """Write an ``.npz`` cache atomically (temp file + rename), so a resumed run skips
+    tokenization; :meth:`load` reads it back identically."""
+    def flat(arrays):
+      offsets = np.cumsum([0] + [len(a) for a in arrays]).astype(np.int64)
+      return (np.concatenate(arrays).astype(np.int32) if arrays else
+              np.zeros((0,), np.int32)), offsets
+    p_flat, p_off = flat(self.prompts)
+    r_flat, r_off = flat(self.responses)
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    np.savez(tmp, prompt_flat=p_flat, prompt_offsets=p_off, response_flat=r_flat,
+             response_offsets=r_off, lengths=self.lengths, bucket=self.bucket,
+             tasks=np.asarray(self.tasks, dtype=str), buckets=np.asarray(self.buckets),
+             scalars=np.asarray([self.pad_id, self.num_truncated, self.num_skipped]))
+    os.replace(tmp, path)
+
+  @classmethod
+  def load(cls, path: str) -> "TokenizedExamples":
+    """Read a cache written by :meth:`save`."""
+    try:
+      z = np.load(path)
+    except FileNotFoundError:
+      raise FileNotFoundError(f"tokenized examples cache not found: {path}") from None
+    def split(flat, offsets):
+      return tuple(flat[offsets[k]:offsets[k + 1]] for k in range(len(offsets) - 1))
+    pad_id, n_trunc, n_skip = (int(x) for x in z["scalars"])
+    return cls(split(z["prompt_flat"], z["prompt_offsets"]),
+               split(z["response_flat"], z["response_offsets"]), z["lengths"], z["bucket"],
+               tuple(str(t) for t in z["tasks"]), tuple(int(b) for b in z["buckets"]),
+               pad_id, n_trunc, n_skip)
+
+
+def tokenize_examples(examples: Sequence[Example], tokenizer: TokenizerLike,
+                      buckets: Sequence[int], *, add_bos: bool | None = None,
+                      overflow: str = "skip", show_progress: bool = False
+                      ) -> TokenizedExamples:
+  """Tokenize and bucket ``examples`` (see the module docstring for the rules)."""
+  buckets = _check_buckets(buckets)
+  if overflow not in ("skip", "error"):
+    raise ValueError(f"overflow must be 'skip' or 'error', got {overflow!r}")
+  if getattr(tokenizer, "eos_id", None) is None or getattr(tokenizer, "pad_id", None) is None:
+    raise ValueError("the tokenizer needs eos_id and pad_id for batching")
+  max_len = buckets[-1]
+  head = np.concatenate([_bos(tokenizer, add_bos), _ids(tokenizer, PROMPT_HEAD)])
+  tail = _ids(tokenizer, PROMPT_TAIL)
+  eos = np.asarray([tokenizer.eos_id], np.int32)
+  instrs = _encode_many(tokenizer, [ex.instruction for ex in examples], "tokenize prompts",
+                        show_progress)
+  resps = _encode_many(tokenizer, [ex.response for ex in examples], "tokenize responses",
+                       show_progress)
+  prompts, responses, tasks = [], [], []
+  truncated = skipped = 0
+  for n, (ex, instr, resp) in enumerate(zip(examples, instrs, resps)):
+    resp = np.concatenate([resp, eos])
+    excess = len(head) + len(instr) + len(tail) + len(resp) - max_len
+    if excess > 0:
+      if excess > len(instr):
+        msg = (f"example {n} (task {ex.task!r}): response of {len(resp)} tokens plus the "
+               f"{len(head) + len(tail)}-token frame exceed the largest bucket {max_len}")
+        if overflow == "error":
+          raise ValueError(msg + "; raise the largest bucket (config tasks.buckets)")
+        skipped += 1
+        continue
+      instr = instr[excess:]
+      truncated += 1
+    prompts.append(np.concatenate([head, instr, tail]).astype(np.int32))
+    responses.append(resp)
+    tasks.append(ex.task)
+  if skipped:
+    logging.warning("batching: skipped %d of %d examples whose response does not fit in %d "
+                    "tokens", skipped, len(examples), max_len)
+  if truncated:
+    logging.info("batching: cut the instruction of %d of %d examples from the left to fit "
+                 "%d tokens", truncated, len(examples), max_len)
+  lengths = np.asarray([len(p) + len(r) for p, r in zip(prompts, responses)], np.int32)
+  bucket_arr = np.asarray(buckets, np.int32)
+  bucket = bucket_arr[np.searchsorted(bucket_arr, lengths, side="left")] if len(lengths) else (
+      np.zeros((0,), np.int32))
+  return TokenizedExamples(tuple(prompts), tuple(responses), lengths,
+                           np.asarray(bucket, np.int32), tuple(tasks), buckets,
+                           int(tokenizer.pad_id), truncated, skipped)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedBatch:
+  """One batch of an epoch plan: its length, example indices ``[B]``, real rows."""
+
+  length: int
+  indices: np.ndarray
+  num_real: int
+
+
+def epoch_plan(bucket: np.ndarray, batch_size: int, seed: int, epoch: int,
+               drop_remainder: bool = False) -> list[PlannedBatch]:
+  """The batches of one epoch, in order; depends only on its arguments.
+
+  Args:
+    bucket: ``[N]`` bucket length of each example.
+    batch_size: rows per batch.
+    seed, epoch: seed the shuffle (``np.random.default_rng([seed, epoch])``).
+    drop_remainder: drop each bucket's last partial batch instead of filling it.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  rng = np.random.default_rng([int(seed), int(epoch)])
+  planned = []
+  for length in np.unique(bucket):
+    members = rng.permutation(np.flatnonzero(bucket == length))
+    for start in range(0, len(members), batch_size):
+      chunk = members[start:start + batch_size]
+      n = len(chunk)
+      if n < batch_size:
+        if drop_remainder:
+          continue
+        chunk = np.concatenate([chunk, np.resize(members, batch_size - n)])
+      planned.append(PlannedBatch(int(length), chunk.astype(np.int64), n))
+  order = rng.permutation(len(planned))
+  return [planned[int(i)] for i in order]
+
+
+def make_batch(data: TokenizedExamples, planned: PlannedBatch, rows: slice = slice(None)
+               ) -> dict[str, np.ndarray]:
+  """Arrays of one planned batch (``rows`` selects a host's share).
+
+  Returns:
+    ``tokens``, ``labels`` (-100 = no loss), ``attention_mask`` (1 = real token) and
+    ``positions``, each ``[B, T]`` int32 with ``T = planned.length``.
+  """
+  idx = planned.indices[rows]
+  real = (np.arange(len(planned.indices)) < planned.num_real)[rows]
+  b, t = len(idx), planned.length
+  tokens = np.full((b, t), data.pad_id, np.int32)
+  labels = np.full((b, t), IGNORE_INDEX, np.int32)
+  mask = np.zeros((b, t), np.int32)
+  for r, (i, is_real) in enumerate(zip(idx, real)):
+    p, resp = data.prompts[int(i)], data.responses[int(i)]
+    n = len(p) + len(resp)
+    tokens[r, :len(p)] = p
+    tokens[r, len(p):n] = resp
+    mask[r, :n] = 1
+    if is_real:
+      labels[r, len(p):n] = resp
+  positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()
+  return {"tokens": tokens, "labels": labels, "attention_mask": mask, "positions": positions}
+
+
+class Batcher:
+  """Tokenizes once; yields the deterministic batches of any epoch.
+
+  Example::
+
+    batcher = Batcher(examples, tokenizer, batch_size=16, buckets=(128, 256, 512))
+    for step, batch in enumerate(batcher.batches(seed, epoch, start_step=k), start=k):
+      ...
+  """
+
+  def __init__(self, examples: Sequence[Example] | TokenizedExamples,
+               tokenizer: TokenizerLike | None = None, *, batch_size: int,
+               buckets: Sequence[int] = (128, 256, 512), add_bos: bool | None = None,
+               drop_remainder: bool = False, overflow: str = "skip",
+               show_progress: bool = False):
+    if isinstance(examples, TokenizedExamples):
+      self.data = examples
+    else:
+      if tokenizer is None:
+        raise ValueError("Batcher needs a tokenizer to tokenize examples")
+      self.data = tokenize_examples(examples, tokenizer, buckets, add_bos=add_bos,
+                                    overflow=overflow, show_progress=show_progress)
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if len(self.data) == 0:
+      raise ValueError("no examples to batch")
+    self.batch_size = int(batch_size)
+    self.drop_remainder = drop_remainder
+    counts = [int(np.sum(self.data.bucket == b)) for b in np.unique(self.data.bucket)]
+    per = [(c // self.batch_size) if drop_remainder else -(-c // self.batch_size)
+           for c in counts]
+    self._steps = int(sum(per))
+
+  @property
+  def steps_per_epoch(self) -> int:
+    """Batches per epoch (the same for every seed and epoch)."""
+    return self._steps
+
+  @property
+  def shapes(self) -> set[tuple[int, int]]:
+    """Every ``[B, T]`` a batch can have."""
+    return {(self.batch_size, int(b)) for b in np.unique(self.data.bucket)}
+
+  def plan(self, seed: int, epoch: int) -> list[PlannedBatch]:
+    return epoch_plan(self.data.bucket, self.batch_size, seed, epoch, self.drop_remainder)
+
+  def batches(self, seed: int, epoch: int, start_step: int = 0, process_index: int = 0,
+              process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """Batches ``start_step ..`` of ``epoch``; with several processes, this one's rows.
+
+    Each process gets rows ``[process_index * B / process_count, ...)`` of every global
+    batch, for ``jax.make_array_from_process_local_data``.
+    """
+    if not 0 <= start_step <= self._steps:
+      raise ValueError(f"start_step {start_step} outside 0..{self._steps}")
+    if self.batch_size % process_count or not 0 <= process_index < process_count:
+      raise ValueError(f"batch_size {self.batch_size} must split evenly over "
+                       f"{process_count} processes (index {process_index})")
+    per = self.batch_size // process_count
+    rows = slice(process_index * per, (process_index + 1) * per)
+    plan = self.plan(seed, epoch)[start_step:]
+    return (make_batch(self.data, planned, rows) for planned in plan)
+
+
+def batches(examples: Sequence[Example] | TokenizedExamples, tokenizer: TokenizerLike | None,
+            batch_size: int, buckets: Sequence[int], seed: int, epoch: int,
+            start_step: int = 0, **kwargs) -> Iterator[dict[str, np.ndarray]]:
+  """Deterministic batches of one epoch (tokenizes on every call; reuse a :class:`Batcher`).
+
+  Yields dicts of ``tokens``, ``labels``, ``attention_mask``, ``positions``: ``[B, T]``
+  int32 with ``T`` one of ``buckets``.
+  """
+  return Batcher(examples, tokenizer, batch_size=batch_size, buckets=buckets,
+                 **kwargs).batches(seed, epoch, start_step)
+
+
+def steps_per_epoch(examples: Sequence[Example] | TokenizedExamples,
+                    tokenizer: TokenizerLike | None, batch_size: int,
+                    buckets: Sequence[int], **kwargs) -> int:
+  """Number of batches :func:`batches` yields per epoch."""
+  return Batcher(examples, tokenizer, batch_size=batch_size, buckets=buckets,
+                 **kwargs).steps_per_epoch
