@@ -1,0 +1,139 @@
+"""The index stage's report: ``report.json`` (code statistics) and ``codes.png`` (plots).
+
+Collision rates are LC-Rec's: ``(num_items - number of distinct codes) / num_items``.
+Utilization of a level is the fraction of its codes used by at least one item;
+perplexity is ``exp`` of the entropy of the level's code usage (``K`` when all ``K``
+codes are used equally, 1 when one code takes every item).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+import numpy as np
+
+from lcrec_jax.index import assign
+from lcrec_jax.index.item_index import ItemIndex
+
+
+def level_usage(codes: np.ndarray, level_sizes: Sequence[int]) -> dict[str, list]:
+  """Per-level code usage of ``codes [N, L]``.
+
+  Returns:
+    ``{"utilization": [L], "perplexity": [L], "max_items_per_level_code": [L]}``.
+  """
+  codes = np.asarray(codes)
+  util, ppl, mx = [], [], []
+  for l, k in enumerate(level_sizes):
+    counts = np.bincount(codes[:, l], minlength=int(k)).astype(np.float64)
+    util.append(float(np.count_nonzero(counts)) / int(k))
+    p = counts[counts > 0] / counts.sum()
+    ppl.append(float(np.exp(-np.sum(p * np.log(p)))))
+    mx.append(int(counts.max()))
+  return {"utilization": util, "perplexity": ppl, "max_items_per_level_code": mx}
+
+
+def build_report(index: ItemIndex, stats: assign.AssignStats, encoded: assign.EncodedItems,
+                 *, codebook_size: int, extra: Mapping[str, Any] | None = None
+                 ) -> dict[str, Any]:
+  """Everything ``report.json`` holds.
+
+  Args:
+    index: the final, conflict-free index.
+    stats: what the assignment did.
+    encoded: the argmax pass (codes before repair, reconstruction errors).
+    codebook_size: ``K`` of the RQ-VAE levels.
+    extra: more fields to include (e.g. training summary).
+
+  Returns:
+    A json-serialisable dict.
+  """
+  final = level_usage(index.codes, index.level_sizes)
+  rq_levels = encoded.codes.shape[1]
+  before = level_usage(encoded.codes, [codebook_size] * rq_levels)
+  report = {
+      "num_items": index.num_items,
+      "num_levels": index.num_levels,
+      "level_sizes": list(index.level_sizes),
+      "collision_rate_definition": "(num_items - distinct codes) / num_items (LC-Rec)",
+      "collision_rate_before": stats.collision_rate_before,
+      "collision_rate_after_repair": stats.collision_rate_after_repair,
+      "collision_rate_after": stats.collision_rate_after,
+      "colliding_items_before": stats.colliding_items_before,
+      "utilization": final["utilization"],
+      "perplexity": final["perplexity"],
+      "max_items_per_level_code": final["max_items_per_level_code"],
+      "utilization_argmax": before["utilization"],
+      "perplexity_argmax": before["perplexity"],
+      "max_items_per_code": stats.max_items_per_code_after_repair,
+      "max_items_per_code_argmax": stats.max_items_per_code_before,
+      "reconstruction_mse": float(np.mean(encoded.recon_sq_err)),
+      "repair": stats.to_dict(),
+  }
+  if extra:
+    report.update(dict(extra))
+  return report
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  """``json.dump`` to a temp file in the same directory, then rename over ``path``."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def plot_codes(path: str, history: Sequence[Mapping[str, Any]], codes: np.ndarray,
+               level_sizes: Sequence[int]) -> None:
+  """Writes ``codes.png``: training curves and per-level code-usage histograms.
+
+  Args:
+    path: output PNG (written atomically).
+    history: per-epoch rows (``epoch``, ``loss``, ``recon_mse``, ``quant_loss`` and
+      optionally ``collision_rate``), e.g. the trainer's ``metrics.jsonl``.
+    codes: ``[N, L]`` final codes.
+    level_sizes: codes per level.
+  """
+  num_levels = len(level_sizes)
+  fig = Figure(figsize=(max(8.0, 3.2 * num_levels), 7.0), dpi=100)
+  FigureCanvasAgg(fig)
+  grid = fig.add_gridspec(2, num_levels)
+  ax = fig.add_subplot(grid[0, :])
+  epochs = [r["epoch"] for r in history]
+  for key in ("loss", "recon_mse", "quant_loss"):
+    vals = [r.get(key) for r in history]
+    if epochs and all(v is not None and v > 0 for v in vals):
+      ax.plot(epochs, vals, label=key)
+  if epochs:
+    ax.set_yscale("log")
+  ax.set_xlabel("epoch")
+  ax.set_ylabel("loss")
+  ax.set_title("RQ-VAE training")
+  evals = [(r["epoch"], r["collision_rate"]) for r in history
+           if r.get("collision_rate") is not None]
+  if evals:
+    ax2 = ax.twinx()
+    ax2.plot(*zip(*evals), "o--", color="black", label="collision rate (argmax)")
+    ax2.set_ylabel("collision rate")
+    ax2.legend(loc="upper center")
+  ax.legend(loc="upper right")
+  codes = np.asarray(codes)
+  for l, k in enumerate(level_sizes):
+    a = fig.add_subplot(grid[1, l])
+    counts = np.bincount(codes[:, l], minlength=int(k))
+    a.bar(np.arange(int(k)), counts, width=1.0)
+    used = int(np.count_nonzero(counts))
+    a.set_title(f"level {chr(ord('a') + l)}: {used}/{int(k)} used")
+    a.set_xlabel("code")
+    if l == 0:
+      a.set_ylabel("items")
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  fig.savefig(tmp, format="png")
+  os.replace(tmp, path)

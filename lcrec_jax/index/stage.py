@@ -1,0 +1,138 @@
+"""The index stage: item embeddings -> RQ-VAE -> conflict-free ``ItemIndex`` on disk.
+
+Writes under ``<workdir>/index/``: ``metrics.jsonl`` and ``checkpoints/`` (trainer),
+``index.json`` (LC-Rec format, keyed by the dataset's external item ids),
+``report.json``, ``codes.png`` and, last, ``DONE``. With ``DONE`` present the stage
+loads and returns the saved index instead of running again (``force=True`` runs it
+again; training then resumes from, or reuses, the checkpoints present: delete
+``<workdir>/index`` to train from scratch).
+
+Which parameters assign the codes is ``c.index.checkpoint``: ``"best_collision"``
+(LC-Rec's choice: the evaluation with the lowest argmax collision rate, ties to the
+later epoch), ``"best_loss"``, or ``"final"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import logging
+import ml_collections
+import numpy as np
+
+from lcrec_jax.data.dataset import Dataset
+from lcrec_jax.index import assign
+from lcrec_jax.index import report as report_lib
+from lcrec_jax.index import trainer
+from lcrec_jax.index.item_index import ItemIndex
+
+CHECKPOINT_CHOICES = ("best_collision", "best_loss", "final")
+
+
+def index_paths(workdir: str) -> dict[str, str]:
+  """Paths of the stage's outputs under ``<workdir>/index``."""
+  d = os.path.join(workdir, "index")
+  return {"dir": d, "index": os.path.join(d, "index.json"),
+          "report": os.path.join(d, "report.json"), "plot": os.path.join(d, "codes.png"),
+          "metrics": os.path.join(d, "metrics.jsonl"), "done": os.path.join(d, "DONE")}
+
+
+def load_index(workdir: str, dataset: Dataset) -> ItemIndex:
+  """The saved index of a finished stage, rows in the dataset's item order."""
+  paths = index_paths(workdir)
+  try:
+    with open(paths["report"], encoding="utf-8") as f:
+      level_sizes = json.load(f)["level_sizes"]
+  except (FileNotFoundError, KeyError, json.JSONDecodeError) as e:
+    raise ValueError(f"{paths['report']}: cannot read level_sizes ({e}); "
+                     f"rerun the index stage with force") from None
+  return ItemIndex.load(paths["index"], item_ids=[it.item_id for it in dataset.items],
+                        level_sizes=level_sizes)
+
+
+def run_index_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Dataset,
+                    embeddings: np.ndarray, force: bool = False) -> ItemIndex:
+  """Trains (or resumes) the RQ-VAE, assigns conflict-free codes, writes the outputs.
+
+  Args:
+    config: the whole run config (uses ``c.seed``, ``c.rqvae``, ``c.index``).
+    workdir: run directory.
+    dataset: the dataset; row ``i`` of ``embeddings`` is ``dataset.items[i]``.
+    embeddings: ``[num_items, dim]`` item embeddings.
+    force: run even if ``<workdir>/index/DONE`` exists.
+
+  Returns:
+    The conflict-free :class:`ItemIndex`.
+  """
+  paths = index_paths(workdir)
+  if os.path.exists(paths["done"]) and not force:
+    index = load_index(workdir, dataset)
+    logging.info("index stage: %s exists, loaded %d item codes from %s", paths["done"],
+                 index.num_items, paths["index"])
+    return index
+  if os.path.exists(paths["done"]):
+    os.remove(paths["done"])
+
+  x = np.asarray(embeddings, np.float32)
+  if x.ndim != 2 or x.shape[0] != dataset.num_items:
+    raise ValueError(f"embeddings have shape {x.shape}, expected [{dataset.num_items}, dim] "
+                     f"for dataset {dataset.name!r}")
+  which = str(config.index.get("checkpoint", "best_collision"))
+  if which not in CHECKPOINT_CHOICES:
+    raise ValueError(f"index.checkpoint must be one of {CHECKPOINT_CHOICES}, got {which!r}")
+
+  t0 = time.time()
+  model, variables, history = trainer.train_rqvae(config.rqvae, x, workdir,
+                                                  seed=int(config.seed))
+  train_s = time.time() - t0
+  if which == "final":
+    used_epoch = int(history[-1]["epoch"]) if history else int(config.rqvae.epochs)
+  else:
+    variables, meta = trainer.load_checkpoint_variables(workdir, which, model, variables,
+                                                        config.rqvae)
+    used_epoch = int(meta["epoch"])
+
+  t1 = time.time()
+  item_ids = [it.item_id for it in dataset.items]
+  index, stats, encoded = assign.build_item_index(
+      model, variables, x, item_ids, repair_rounds=int(config.index.repair_rounds),
+      repair_sk_epsilon=float(config.index.repair_sk_epsilon))
+  assign_s = time.time() - t1
+
+  last = history[-1] if history else {}
+  extra = {
+      "dataset": dataset.name,
+      "embedding_dim": int(x.shape[1]),
+      "checkpoint": which,
+      "checkpoint_epoch": used_epoch,
+      "epochs": int(config.rqvae.epochs),
+      "final_train_loss": last.get("loss"),
+      "final_train_recon_mse": last.get("recon_mse"),
+      "seconds": {"train": round(train_s, 2), "assign": round(assign_s, 2)},
+  }
+  rep = report_lib.build_report(index, stats, encoded,
+                                codebook_size=int(config.rqvae.codebook_size), extra=extra)
+  index.save(paths["index"])
+  report_lib.write_json_atomic(paths["report"], rep)
+  report_lib.plot_codes(paths["plot"], history, index.codes, index.level_sizes)
+  report_lib.write_json_atomic(paths["done"], {"num_items": index.num_items,
+                                               "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+  _log_summary(rep, paths["dir"])
+  return index
+
+
+def _log_summary(rep: dict, where: str) -> None:
+  r = rep["repair"]
+  levels = ", ".join(f"{chr(ord('a') + l)} {u:.0%} (ppl {p:.1f})"
+                     for l, (u, p) in enumerate(zip(rep["utilization"], rep["perplexity"])))
+  logging.info(
+      "index stage: %d items, levels %s; collision rate %.4f (argmax) -> %.4f (after %d "
+      "repair rounds) -> %.4f; %d items moved, %s; code usage %s; reconstruction mse "
+      "%.5f (checkpoint %s, epoch %d); outputs in %s",
+      rep["num_items"], rep["level_sizes"], rep["collision_rate_before"],
+      rep["collision_rate_after_repair"], r["repair_rounds_used"], rep["collision_rate_after"],
+      r["items_moved"],
+      f"extra level of {r['extra_level_size']}" if r["extra_level_added"] else "no extra level",
+      levels, rep["reconstruction_mse"], rep["checkpoint"], rep["checkpoint_epoch"], where)

@@ -1,0 +1,420 @@
+"""RQ-VAE training loop: k-means init, AdamW with warmup, orbax checkpoints and resume.
+
+Layout under ``<workdir>/index/``::
+
+  metrics.jsonl                 one json object per epoch (see :func:`train_rqvae`)
+  checkpoints/latest/<epoch>/   every ``checkpoint_every`` epochs and at the end
+  checkpoints/best_collision/   the lowest argmax collision rate seen at an evaluation
+  checkpoints/best_loss/        the lowest epoch loss seen at an evaluation (LC-Rec keeps both)
+
+A checkpoint holds the parameters, batch-norm statistics, optimizer state, step counter
+and the base PRNG key, plus a json ``meta`` (epoch, best values so far, the config).
+Randomness is a pure function of ``(seed, epoch, step)``: the shuffle of epoch ``e`` is
+``numpy.random.default_rng([seed, e])`` and step ``s`` uses dropout key
+``fold_in(base_key, s)``. Hence an interrupted run resumed from its latest checkpoint
+ends with exactly the parameters of an uninterrupted run.
+
+As in LC-Rec (``index/trainer.py``): AdamW, linear warmup then linear decay to 0
+(HF ``get_linear_schedule_with_warmup``) or constant, gradient norm clipped at 1.0
+(``rqvae.grad_clip``, optional field), every batch of an epoch used (the last one may be
+smaller), Sinkhorn on during training, collision rate from argmax codes of all items.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging as logging_std
+import math
+import os
+import time
+from typing import Any, Mapping
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from lcrec_jax.index import assign
+from lcrec_jax.index import rqvae
+
+# Config fields that may change between a run and its resumption without changing the
+# result.
+_BOOKKEEPING_FIELDS = ("eval_every", "checkpoint_every", "keep_checkpoints")
+CHECKPOINT_KINDS = ("latest", "best_collision", "best_loss")
+
+
+def make_model(cfg: ml_collections.ConfigDict, in_dim: int) -> rqvae.RQVAE:
+  """The :class:`RQVAE` described by ``cfg`` (``c.rqvae``) for ``in_dim``-wide inputs."""
+  return rqvae.RQVAE(
+      in_dim=int(in_dim),
+      encoder_layers=tuple(int(w) for w in cfg.encoder_layers),
+      e_dim=int(cfg.e_dim),
+      num_levels=int(cfg.num_levels),
+      codebook_size=int(cfg.codebook_size),
+      dropout=float(cfg.dropout),
+      batch_norm=bool(cfg.batch_norm),
+      beta=float(cfg.beta),
+      sk_epsilons=tuple(float(e) for e in cfg.sk_epsilons),
+      sk_iters=int(cfg.sk_iters),
+  )
+
+
+def make_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+  """Linear warmup over ``warmup_epochs``, then linear decay to 0 or constant."""
+  return _optimizer(_opt_spec(cfg, steps_per_epoch))[1]
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict,
+                   steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW (``lr``, ``weight_decay``) on :func:`make_schedule`, after norm clipping."""
+  return _optimizer(_opt_spec(cfg, steps_per_epoch))
+
+
+def _opt_spec(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> tuple:
+  if cfg.schedule not in ("linear", "constant"):
+    raise ValueError(f"rqvae.schedule must be 'linear' or 'constant', got {cfg.schedule!r}")
+  return (float(cfg.lr), float(cfg.weight_decay), float(cfg.warmup_epochs), int(cfg.epochs),
+          str(cfg.schedule), float(cfg.get("grad_clip", 1.0)), int(steps_per_epoch))
+
+
+@functools.lru_cache(maxsize=16)
+def _optimizer(spec: tuple) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Cached per hyper-parameters, so equal configs reuse one jitted train step."""
+  lr, wd, warmup_epochs, epochs, kind, clip, steps_per_epoch = spec
+  warm = int(round(warmup_epochs * steps_per_epoch))
+  total = epochs * steps_per_epoch
+  if kind == "linear":
+    after = optax.linear_schedule(lr, 0.0, max(total - warm, 1))
+  else:
+    after = optax.constant_schedule(lr)
+  schedule = after if warm <= 0 else optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, warm), after], [warm])
+  parts = [optax.clip_by_global_norm(clip)] if clip > 0 else []
+  parts.append(optax.adamw(schedule, weight_decay=wd))
+  return optax.chain(*parts), schedule
+
+
+@functools.lru_cache(maxsize=16)
+def _make_train_step(model: rqvae.RQVAE, tx: optax.GradientTransformation):
+  """Jitted ``(state, x [B, D]) -> (state, metrics)``; ``state`` is donated."""
+  mutable = ["batch_stats"] if model.batch_norm else False
+
+  def step(state, x):
+    key = jax.random.fold_in(state["rng"], state["step"])
+
+    def loss(params):
+      variables = {"params": params}
+      if model.batch_norm:
+        variables["batch_stats"] = state["batch_stats"]
+      res = model.apply(variables, x, train=True, rngs={"dropout": key}, mutable=mutable)
+      out, updates = res if mutable else (res, {})
+      total, metrics = rqvae.loss_fn(out, x)
+      return total, (metrics, updates)
+
+    (total, (metrics, updates)), grads = jax.value_and_grad(loss, has_aux=True)(
+        state["params"])
+    upd, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new = dict(state)
+    new["params"] = optax.apply_updates(state["params"], upd)
+    new["opt_state"] = opt_state
+    new["step"] = state["step"] + 1
+    if model.batch_norm:
+      new["batch_stats"] = updates["batch_stats"]
+    return new, {"loss": total, **metrics}
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def state_variables(state: Mapping[str, Any]) -> dict[str, Any]:
+  """The model variables (``params`` and ``batch_stats`` if any) of a train state."""
+  out = {"params": state["params"]}
+  if "batch_stats" in state:
+    out["batch_stats"] = state["batch_stats"]
+  return out
+
+
+def evaluate_codes(model: rqvae.RQVAE, variables: Any, x: np.ndarray) -> dict[str, Any]:
+  """Argmax codes of all items: LC-Rec collision rate and per-level utilization."""
+  codes = assign.argmax_codes(model, variables, x)
+  k = model.codebook_size
+  util = [float(len(np.unique(codes[:, l]))) / k for l in range(codes.shape[1])]
+  return {"collision_rate": assign.collision_rate(codes), "utilization": util}
+
+
+def _config_dict(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  return json.loads(json.dumps(cfg.to_dict(), default=list))
+
+
+def _managers(ckpt_dir: str, keep: int) -> dict[str, ocp.CheckpointManager]:
+  out = {}
+  for kind in CHECKPOINT_KINDS:
+    opts = ocp.CheckpointManagerOptions(
+        max_to_keep=max(1, int(keep)) if kind == "latest" else 1, create=True)
+    out[kind] = ocp.CheckpointManager(os.path.join(ckpt_dir, kind), options=opts)
+  return out
+
+
+def _save(mngr: ocp.CheckpointManager, epoch: int, state: Any, meta: dict) -> None:
+  mngr.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                           meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def _restore(mngr: ocp.CheckpointManager, epoch: int, like: Any) -> tuple[Any, dict]:
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  res = mngr.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                    meta=ocp.args.JsonRestore()))
+  return res["state"], res["meta"]
+
+
+def _read_history(path: str, upto_epoch: int | None = None) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:  # a line cut short by an interruption
+        continue
+      if upto_epoch is None or row.get("epoch", 0) <= upto_epoch:
+        rows.append(row)
+  return rows
+
+
+def _write_history(path: str, rows: list[dict]) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
+  os.replace(tmp, path)
+
+
+def _check_resumable(meta: Mapping[str, Any], cfg: ml_collections.ConfigDict,
+                     x: np.ndarray, seed: int, where: str) -> None:
+  saved = dict(meta.get("config", {}))
+  now = _config_dict(cfg)
+  diff = sorted(k for k in set(saved) | set(now)
+                if k not in _BOOKKEEPING_FIELDS and saved.get(k) != now.get(k))
+  problems = [f"rqvae.{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff]
+  if meta.get("num_items") != x.shape[0] or meta.get("in_dim") != x.shape[1]:
+    problems.append(f"embeddings: checkpoint [{meta.get('num_items')}, {meta.get('in_dim')}]"
+                    f" vs now {list(x.shape)}")
+  if meta.get("seed") != seed:
+    problems.append(f"seed: checkpoint {meta.get('seed')} vs now {seed}")
+  if problems:
+    raise ValueError(f"cannot resume from {where}: " + "; ".join(problems)
+                     + ". Use another --workdir or delete that directory to retrain.")
+
+
+class _DropOrbaxInfo(logging_std.Filter):
+  """Drops orbax's per-save INFO chatter (dozens of lines per checkpoint)."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return record.levelno > logging_std.INFO or "orbax" not in record.pathname
+
+
+@contextlib.contextmanager
+def quiet_orbax():
+  """Within the block, orbax logs only warnings and errors."""
+  filt = _DropOrbaxInfo()
+  logger = logging_std.getLogger("absl")
+  logger.addFilter(filt)
+  try:
+    yield
+  finally:
+    logger.removeFilter(filt)
+
+
+def train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir: str, *,
+                seed: int) -> tuple[rqvae.RQVAE, dict[str, Any], list[dict]]:
+  """Trains (or resumes training of) the RQ-VAE on all item embeddings.
+
+  Args:
+    cfg: the ``c.rqvae`` config (see ``configs/ml100k_quick.py``).
+    embeddings: ``[N, D]`` float32 item embeddings (the training set: every item).
+    workdir: run directory; everything goes under ``<workdir>/index/``.
+    seed: seeds parameter init, k-means, shuffling and dropout.
+
+  Returns:
+    ``(model, variables, history)``: the final variables (``params``, and
+    ``batch_stats`` with batch norm) and the per-epoch metrics, the same rows as
+    ``metrics.jsonl``: ``epoch``, ``step``, ``loss``, ``recon_mse``, ``quant_loss``
+    (means over the epoch's items), ``lr`` (at the epoch's last step), ``time_s``, and
+    at evaluation epochs ``collision_rate`` and ``utilization`` (per level; else null).
+  """
+  with quiet_orbax():
+    return _train_rqvae(cfg, embeddings, workdir, seed=seed)
+
+
+def _train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir: str, *,
+                 seed: int) -> tuple[rqvae.RQVAE, dict[str, Any], list[dict]]:
+  """:func:`train_rqvae` without the orbax log filter."""
+  x = np.asarray(embeddings, np.float32)
+  if x.ndim != 2 or x.shape[0] < 1:
+    raise ValueError(f"embeddings must be [num_items, dim], got shape {x.shape}")
+  if not np.all(np.isfinite(x)):
+    raise ValueError("embeddings contain NaN or inf")
+  n, dim = x.shape
+  epochs = int(cfg.epochs)
+  bs = max(1, min(int(cfg.batch_size), n))
+  steps_per_epoch = math.ceil(n / bs)
+  eval_every = max(1, int(cfg.eval_every))
+  ckpt_every = max(1, int(cfg.checkpoint_every))
+
+  index_dir = os.path.join(workdir, "index")
+  os.makedirs(index_dir, exist_ok=True)
+  metrics_path = os.path.join(index_dir, "metrics.jsonl")
+  mngrs = _managers(os.path.join(index_dir, "checkpoints"), cfg.keep_checkpoints)
+
+  start = mngrs["latest"].latest_step()
+  if start is not None:  # check before anything is built: shapes could clash
+    where = os.path.join(index_dir, "checkpoints", "latest", str(start))
+    saved_meta = mngrs["latest"].restore(
+        start, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    try:
+      _check_resumable(saved_meta, cfg, x, seed, where)
+    except ValueError:
+      for m in mngrs.values():
+        m.close()
+      raise
+
+  model = make_model(cfg, dim)
+  tx, schedule = make_optimizer(cfg, steps_per_epoch)
+  root = jax.random.PRNGKey(seed)
+  k_init, k_kmeans, k_dropout = jax.random.split(root, 3)
+  variables = model.init({"params": k_init, "dropout": k_init}, jnp.asarray(x[:bs]),
+                         train=False)
+  variables = jax.tree.map(jnp.asarray, dict(variables))
+  state = {"params": variables["params"], "opt_state": None,
+           "step": jnp.zeros((), jnp.int32), "rng": k_dropout}
+  if model.batch_norm:
+    state["batch_stats"] = variables["batch_stats"]
+
+  meta = {"epoch": 0, "best_collision_rate": None, "best_loss": None,
+          "num_items": n, "in_dim": dim, "seed": int(seed), "config": _config_dict(cfg)}
+  if start is not None:
+    state["opt_state"] = tx.init(state["params"])
+    state, meta = _restore(mngrs["latest"], start, state)
+    start = int(meta["epoch"])
+    for kind in ("best_collision", "best_loss"):  # written after `start`: redone below
+      for s in mngrs[kind].all_steps():
+        if s > start:
+          mngrs[kind].delete(s)
+    history = _read_history(metrics_path, upto_epoch=start)
+    logging.info("rqvae: resuming from %s (epoch %d of %d)", where, start, epochs)
+  else:
+    start = 0
+    if cfg.kmeans_init:
+      t0 = time.time()
+      variables = rqvae.init_codebooks_kmeans(variables, model, jnp.asarray(x), k_kmeans,
+                                              int(cfg.kmeans_iters))
+      state["params"] = variables["params"]
+      logging.info("rqvae: k-means codebook init in %.1fs", time.time() - t0)
+    state["opt_state"] = tx.init(state["params"])
+    history = []
+  _write_history(metrics_path, history)
+
+  train_step = _make_train_step(model, tx)
+  x_dev = jnp.asarray(x)
+  bar = tqdm(range(start, epochs), initial=start, total=epochs, desc="rqvae", unit="epoch",
+             disable=None)
+  with open(metrics_path, "a", encoding="utf-8") as mfile:
+    for e in bar:
+      epoch = e + 1
+      t0 = time.time()
+      perm = np.random.default_rng([int(seed), epoch]).permutation(n)
+      step_metrics, sizes = [], []
+      for b in range(steps_per_epoch):
+        idx = perm[b * bs:(b + 1) * bs]
+        state, m = train_step(state, x_dev[jnp.asarray(idx)])
+        step_metrics.append(m)
+        sizes.append(len(idx))
+      step_metrics = jax.device_get(step_metrics)  # one sync per epoch
+      totals = {k: float(sum(float(m[k]) * w for m, w in zip(step_metrics, sizes))) / n
+                for k in step_metrics[0]}
+      step = int(state["step"])
+      row = {"epoch": epoch, "step": step, **totals, "lr": float(schedule(step - 1)),
+             "collision_rate": None, "utilization": None}
+      if not np.isfinite(row["loss"]):
+        raise FloatingPointError(f"rqvae: loss is {row['loss']} at epoch {epoch}")
+      if epoch % eval_every == 0 or epoch == epochs:
+        row.update(evaluate_codes(model, state_variables(state), x))
+        cr, loss = row["collision_rate"], row["loss"]
+        if meta["best_collision_rate"] is None or cr <= meta["best_collision_rate"]:
+          meta["best_collision_rate"] = cr
+          meta["epoch"] = epoch
+          _save(mngrs["best_collision"], epoch, state, dict(meta))
+        if meta["best_loss"] is None or loss < meta["best_loss"]:
+          meta["best_loss"] = loss
+          meta["epoch"] = epoch
+          _save(mngrs["best_loss"], epoch, state, dict(meta))
+        bar.set_postfix(loss=f"{loss:.4f}", collisions=f"{cr:.4f}")
+        logging.info("rqvae epoch %d/%d: loss %.5f (recon %.5f, quant %.5f), lr %.2e, "
+                     "collision rate %.4f, code usage per level %s", epoch, epochs, loss,
+                     row["recon_mse"], row["quant_loss"], row["lr"], cr,
+                     " ".join(f"{u:.0%}" for u in row["utilization"]))
+      else:
+        bar.set_postfix(loss=f"{row['loss']:.4f}")
+      row["time_s"] = round(time.time() - t0, 4)
+      history.append(row)
+      mfile.write(json.dumps(row) + "\n")
+      mfile.flush()
+      if epoch % ckpt_every == 0 or epoch == epochs:
+        meta["epoch"] = epoch
+        _save(mngrs["latest"], epoch, state, dict(meta))
+  for m in mngrs.values():
+    m.wait_until_finished()
+    m.close()
+  if start >= epochs:
+    logging.info("rqvae: training already complete (%d epochs)", epochs)
+  return model, state_variables(state), history
+
+
+def load_checkpoint_variables(workdir: str, kind: str, model: rqvae.RQVAE,
+                              like: Mapping[str, Any], cfg: ml_collections.ConfigDict
+                              ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Variables of a saved checkpoint: ``kind`` in ``latest``, ``best_collision``, ``best_loss``.
+
+  Args:
+    workdir: the run directory given to :func:`train_rqvae`.
+    kind: which checkpoint directory.
+    model: the trained model (its optimizer-state structure is rebuilt from ``cfg``).
+    like: variables with the right structure (e.g. what :func:`train_rqvae` returned).
+    cfg: the ``c.rqvae`` config the run used.
+
+  Returns:
+    ``(variables, meta)``; ``meta["epoch"]`` is the epoch the checkpoint was taken at.
+  """
+  with quiet_orbax():
+    return _load_checkpoint_variables(workdir, kind, model, like, cfg)
+
+
+def _load_checkpoint_variables(workdir, kind, model, like, cfg):
+  """:func:`load_checkpoint_variables` without the orbax log filter."""
+  if kind not in CHECKPOINT_KINDS:
+    raise ValueError(f"checkpoint kind must be one of {CHECKPOINT_KINDS}, got {kind!r}")
+  path = os.path.join(workdir, "index", "checkpoints", kind)
+  mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
+  step = mngr.latest_step()
+  if step is None:
+    mngr.close()
+    raise FileNotFoundError(f"no checkpoint under {path}")
+  n = 1  # the optimizer state's shapes do not depend on the number of items
+  tx, _ = make_optimizer(cfg, n)
+  like = dict(like)
+  state = {"params": like["params"], "opt_state": tx.init(like["params"]),
+           "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(0)}
+  if model.batch_norm:
+    state["batch_stats"] = like["batch_stats"]
+  state, meta = _restore(mngr, step, state)
+  mngr.close()
+  return state_variables(state), meta
