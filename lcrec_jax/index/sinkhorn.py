@@ -18,7 +18,8 @@ leaves the float32 range.
 One iteration normalises rows to sum 1, then columns to sum ``B / K`` (LC-Rec's order),
 so after a fixed number of iterations the columns hold exactly ``B / K`` and the rows sum
 to 1 up to the convergence of the iteration. Scaling a row never changes its argmax, so
-codes taken as ``argmax(plan, axis=1)`` are those of LC-Rec's float64 iteration.
+codes taken as ``argmax(plan, axis=1)`` agree with LC-Rec's float64 iteration except
+where a row's two best entries are within float32 rounding of each other.
 
 Note: identical rows of ``distances`` give identical rows of the plan (uniform over the
 codes when all rows are equal); an argmax then puts them on the same code. Only
