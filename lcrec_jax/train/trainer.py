@@ -1,0 +1,373 @@
+"""The fine-tuning loop: sharded state, resumable data position, checkpoints, metrics.
+
+    result = train(config, workdir, model, params, batches, steps_per_epoch)
+
+`batches(epoch, start_step)` must yield the batches of `epoch` from step
+`start_step` on, deterministically (same arguments, same batches), as dicts of
+`[batch, len]` numpy arrays with keys `tokens`, `labels`, `attention_mask`,
+`positions` (see `step.py` for the label convention). A resumed run asks for
+exactly the batches the interrupted run had not yet consumed. With several
+processes each yields only its own `train.batch_size / process_count` rows, process p
+rows `[p * B / P, (p + 1) * B / P)` (as `Batcher.batches(seed, epoch, start,
+process_index, process_count)` does); on one host that is the whole batch.
+
+What is written under `<workdir>/train/`:
+  checkpoints/<step>/   orbax: trainable params, optimizer state, step, RNG + data position
+  metrics.jsonl         one JSON object per logged step / evaluation
+  tb/                   TensorBoard event file (scalars)
+
+Frozen params (trainable mask False, e.g. a LoRA base) are not checkpointed: they are
+the `params` given to `train`, which a resumed run passes again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from lcrec_jax.train import checkpoint as ckpt_lib
+from lcrec_jax.train import mesh as mesh_lib
+from lcrec_jax.train import metrics as metrics_lib
+from lcrec_jax.train import state as state_lib
+from lcrec_jax.train import step as step_lib
+
+PyTree = Any
+Batch = Mapping[str, np.ndarray]
+BatchFn = Callable[[int, int], Iterable[Batch]]
+# A validation hook: (step, state) -> metrics such as {"HR@10": ..., "NDCG@10": ...}.
+EvalCallback = Callable[[int, state_lib.TrainState], Mapping[str, float]]
+# Called after every step with the step number and its (host) metrics.
+StepHook = Callable[[int, Mapping[str, float]], None]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What `train` returns.
+
+  Attributes:
+    state: the final `TrainState` (sharded).
+    step: optimizer steps done in total (including steps before a resume).
+    history: per-step host metrics of this call.
+    evals: evaluation records of this call (`{"step": s, "valid/loss": ...}`).
+    stopped_early: True when a preemption signal ended the run before `num_steps`.
+    resumed_from: the checkpoint step this call started from, or None.
+  """
+  state: state_lib.TrainState
+  step: int
+  history: list[dict[str, float]]
+  evals: list[dict[str, float]]
+  stopped_early: bool
+  resumed_from: int | None
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+def default_train_config() -> ml_collections.ConfigDict:
+  """The `c.train` section with its defaults (documented field by field)."""
+  t = ml_collections.ConfigDict()
+  t.seed = 0                    # params-independent RNG (dropout) and nothing else
+  t.batch_size = 16             # global examples per optimizer step
+  t.grad_accum_steps = 1        # micro-batches per step (batch_size must divide)
+  t.epochs = 1                  # used when num_steps <= 0
+  t.num_steps = 0               # > 0 overrides epochs
+  t.lr = 1e-3
+  t.schedule = "cosine"         # cosine | linear | constant (after warmup)
+  t.warmup_steps = 10
+  t.end_lr_ratio = 0.0          # final lr = lr * end_lr_ratio
+  t.b1 = 0.9
+  t.b2 = 0.999
+  t.eps = 1e-8
+  t.weight_decay = 0.01         # matrices only
+  t.max_grad_norm = 1.0         # <= 0: no clipping
+  t.compute_dtype = "float32"   # float32 | bfloat16 (float32 master weights either way)
+  t.max_label_tokens = 0        # label slots per example for the vocab projection; 0 = seq len
+  t.checkpoint_every = 100      # steps
+  t.keep_checkpoints = 2
+  t.async_checkpoint = True
+  t.log_every = 1               # steps between metrics.jsonl lines
+  t.eval_every = 0              # steps between validations; 0 = only at the end
+  t.peak_flops_per_device = 0.0 # for MFU; e.g. 197e12 TPU v4 bf16, 989e12 H100 bf16; 0 = no MFU
+  t.distributed = False         # call jax.distributed.initialize() (multi-host)
+  t.tensorboard = True
+  return t
+
+
+def _model_dims(model: nn.Module) -> tuple[int | None, int | None]:
+  """(num_layers, hidden size) of a LLaMA-like model config, for the attention FLOPs."""
+  cfg = getattr(model, "config", None) or getattr(model, "cfg", None)
+  if cfg is None:
+    return None, None
+  layers = next((getattr(cfg, n) for n in ("num_layers", "num_hidden_layers", "n_layers")
+                 if hasattr(cfg, n)), None)
+  hidden = next((getattr(cfg, n) for n in ("hidden_size", "dim", "d_model", "embed_dim")
+                 if hasattr(cfg, n)), None)
+  return layers, hidden
+
+
+def _check_params(params: PyTree, boxed: PyTree) -> None:
+  want = jax.tree.structure(nn.unbox(boxed))
+  got = jax.tree.structure(nn.unbox(params))
+  if want != got:
+    raise ValueError("train: the given params do not have the model's param tree structure "
+                     f"(model.init gives {want}, got {got})")
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(nn.unbox(params)),
+                          jax.tree.leaves(nn.unbox(boxed))):
+    if tuple(a.shape) != tuple(b.shape):
+      raise ValueError(f"train: param {jax.tree_util.keystr(path)} has shape {a.shape}, "
+                       f"the model expects {b.shape}")
+
+
+def _check_batch(batch: Batch, batch_size: int, max_label_tokens: int, step: int) -> None:
+  for k in step_lib.BATCH_KEYS:
+    if k not in batch:
+      raise KeyError(f"train: batch at step {step} lacks {k!r} (need {step_lib.BATCH_KEYS})")
+  local = batch_size // jax.process_count()
+  if batch["tokens"].shape[0] != local:
+    raise ValueError(f"train: batch at step {step} has {batch['tokens'].shape[0]} rows, "
+                     f"expected train.batch_size / processes = {batch_size} / "
+                     f"{jax.process_count()}")
+  if max_label_tokens > 0:
+    per_example = (np.asarray(batch["labels"])[:, 1:] != step_lib.IGNORE).sum(1)
+    if per_example.max(initial=0) > max_label_tokens:
+      raise ValueError(
+          f"train: an example at step {step} has {per_example.max()} label tokens, more than "
+          f"train.max_label_tokens={max_label_tokens}; raise it (0 = sequence length)")
+
+
+def _ckpt_tree(state: state_lib.TrainState) -> dict[str, Any]:
+  """What goes into a checkpoint: everything but the frozen params."""
+  return {"step": state.step, "trainable": state.trainable, "opt_state": state.opt_state,
+          "rng": state.rng}
+
+
+def evaluate_loss(eval_fn: Callable, state: state_lib.TrainState, batches: Iterable[Batch],
+                  mesh: jax.sharding.Mesh) -> dict[str, float]:
+  """Mean label-token loss over `batches` (sum of losses / number of label tokens)."""
+  total, count = 0.0, 0.0
+  for b in batches:
+    b = {k: np.asarray(b[k]) for k in step_lib.BATCH_KEYS}
+    out = jax.device_get(eval_fn(state, mesh_lib.shard_batch_from_host(b, mesh,
+                                                                        host_local=True)))
+    total += float(out["loss_sum"])
+    count += float(out["label_tokens"])
+  return {"loss": total / max(count, 1.0), "label_tokens": count}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: nn.Module,
+          params: PyTree, batches: BatchFn, steps_per_epoch: int, *,
+          trainable_mask: PyTree | None = None,
+          eval_batches: Callable[[], Iterable[Batch]] | None = None,
+          eval_callbacks: Sequence[EvalCallback] = (),
+          step_hook: StepHook | None = None,
+          mesh: jax.sharding.Mesh | None = None,
+          tx_tail: Any = None) -> TrainResult:
+  """Trains (or resumes training) `model` from `params`.
+
+  Args:
+    config: full config; uses `config.train` (see `default_train_config`) and
+      `config.mesh` (see `mesh.default_mesh_config`).
+    workdir: run directory; outputs go to `<workdir>/train/`. If it holds a
+      checkpoint, training resumes from the newest one.
+    model: the Linen LLaMA (`lcrec_jax.llm.model.Llama`) or any module with the same
+      call signature and a `logits` method.
+    params: unboxed initial params (pretrained or fresh), or for LoRA
+      `{"params": base, "lora": lcrec_jax.llm.lora.LoraParams}` (adapters applied on the
+      fly; pair with `trainable_mask=lora.trainable_mask(that tree)`). On resume, the
+      frozen part is taken from here and the trainable part from the checkpoint.
+    batches: `batches(epoch, start_step)` -> iterable of global numpy batches.
+    steps_per_epoch: batches per epoch.
+    trainable_mask: bool tree like `params` (None = train everything), e.g. LoRA's.
+    eval_batches: `() -> iterable` of validation batches for the validation loss.
+    eval_callbacks: extra validation hooks (e.g. HR/NDCG by beam search), run with the
+      validation loss; their metrics are logged under `valid/`.
+    step_hook: called as `step_hook(step, metrics)` after every step (progress
+      reporting, tests).
+    mesh: use this mesh instead of building one from `config.mesh`.
+    tx_tail: an optax transform appended after AdamW, e.g. `lora.freeze_rows(n)` to
+      keep the original vocabulary rows fixed.
+
+  Returns:
+    A `TrainResult`.
+
+  Raises:
+    NonFiniteLossError: when the loss is NaN or inf (the last good checkpoint stays).
+  """
+  tc = config.train
+  if tc.get("distributed", False) and not jax.distributed.is_initialized():
+    mesh_lib.maybe_initialize_distributed(True)
+  mesh_cfg = config.get("mesh", None)
+  mesh = mesh if mesh is not None else mesh_lib.make_mesh(mesh_cfg)
+  rules = mesh_lib.axis_rules(mesh_cfg)
+  if steps_per_epoch <= 0:
+    raise ValueError(f"train: steps_per_epoch must be positive, got {steps_per_epoch}")
+  num_steps = int(tc.num_steps) if tc.get("num_steps", 0) > 0 else int(tc.epochs) * steps_per_epoch
+  accum = max(int(tc.get("grad_accum_steps", 1)), 1)
+  batch_size = int(tc.batch_size)
+  batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % (accum * batch_ways):
+    raise ValueError(
+        f"train.batch_size={batch_size} must be divisible by grad_accum_steps ({accum}) x "
+        f"mesh data*fsdp ({batch_ways})")
+  if tc.compute_dtype not in _DTYPES:
+    raise ValueError(f"train.compute_dtype: {tc.compute_dtype!r} is not one of {list(_DTYPES)}")
+  compute_dtype = _DTYPES[tc.compute_dtype]
+  max_label_tokens = int(tc.get("max_label_tokens", 0))
+
+  tx, schedule = state_lib.make_optimizer(tc, num_steps, tail=tx_tail)
+  boxed = state_lib.abstract_boxed_params(model, np.zeros((1, 8), np.int32))
+  _check_params(params["params"] if state_lib.is_lora_tree(params) else params, boxed)
+  shardings = state_lib.state_shardings(tx, boxed, trainable_mask, mesh, rules, params)
+
+  train_dir = os.path.join(os.fspath(workdir), "train")
+  is_main = jax.process_index() == 0
+  ckpt = ckpt_lib.Checkpointer(os.path.join(train_dir, "checkpoints"),
+                               save_every=tc.checkpoint_every, keep=tc.keep_checkpoints,
+                               async_save=tc.get("async_checkpoint", True))
+
+  # --- state: fresh or restored ------------------------------------------------------
+  state = None
+  resumed_from = ckpt.latest_step()
+  epoch, pos = 0, 0
+  if resumed_from is not None:
+    abstract = state_lib.abstract_state(shardings, boxed, tx, trainable_mask, params=params)
+    restored, data = ckpt.restore(_ckpt_tree(abstract), resumed_from)
+    _, frozen = state_lib.split_params(nn.unbox(params), trainable_mask)
+    frozen = jax.jit(lambda x: jax.tree.map(jnp.copy, x), out_shardings=shardings.frozen)(frozen)
+    state = state_lib.TrainState(step=restored["step"], trainable=restored["trainable"],
+                                 frozen=frozen, opt_state=restored["opt_state"],
+                                 rng=restored["rng"])
+    epoch, pos = int(data["epoch"]), int(data["step_in_epoch"])
+  writer = metrics_lib.MetricsWriter(train_dir, enabled=is_main,
+                                     tensorboard=tc.get("tensorboard", True),
+                                     drop_after_step=resumed_from or 0)
+  if resumed_from is not None:
+    logging.info("train: resumed from step %d (epoch %d, step %d in epoch)", resumed_from,
+                 epoch, pos)
+  else:
+    state = state_lib.create_train_state(params, tx, shardings,
+                                         jax.random.PRNGKey(int(tc.get("seed", 0))),
+                                         trainable_mask)
+
+  step_fn = step_lib.make_train_step(
+      model, tx, shardings=shardings, mesh=mesh, rules=rules, schedule=schedule,
+      grad_accum_steps=accum, max_label_tokens=max_label_tokens, compute_dtype=compute_dtype)
+  eval_fn = step_lib.make_eval_step(model, shardings=shardings, mesh=mesh, rules=rules,
+                                    max_label_tokens=max_label_tokens,
+                                    compute_dtype=compute_dtype)
+  batch_sharding = step_lib.train_batch_sharding(mesh, accum)
+
+  n_params = state_lib.count_params(params)
+  layers, hidden = _model_dims(model)
+  eval_every = int(tc.get("eval_every", 0))
+  log_every = max(int(tc.get("log_every", 1)), 1)
+  history: list[dict[str, float]] = []
+  evals: list[dict[str, float]] = []
+  step = int(jax.device_get(state.step))
+
+  def run_evals(at_step: int) -> None:
+    if eval_batches is None and not eval_callbacks:
+      return
+    record: dict[str, float] = {}
+    if eval_batches is not None:
+      out = evaluate_loss(eval_fn, state, eval_batches(), mesh)
+      record.update({"valid/loss": out["loss"], "valid/label_tokens": out["label_tokens"]})
+    for cb in eval_callbacks:
+      record.update({f"valid/{k}": float(v) for k, v in cb(at_step, state).items()})
+    writer.write(at_step, record)
+    evals.append({"step": at_step, **record})
+    logging.info("train: step %d validation %s", at_step, record)
+
+  def data_position() -> dict[str, int]:
+    if pos >= steps_per_epoch:
+      return {"epoch": epoch + 1, "step_in_epoch": 0}
+    return {"epoch": epoch, "step_in_epoch": pos}
+
+  ckpt.install_sigterm_handler()
+  stopped_early = False
+  bar = tqdm.tqdm(total=num_steps, initial=step, desc="train", dynamic_ncols=True,
+                  disable=not (is_main and sys.stderr.isatty()))
+  try:
+    while step < num_steps and not stopped_early:
+      source = itertools.islice(iter(batches(epoch, pos)), steps_per_epoch - pos)
+      t_last = time.perf_counter()
+      for batch in source:
+        _check_batch(batch, batch_size, max_label_tokens, step)
+        host = {k: np.asarray(batch[k]) for k in step_lib.BATCH_KEYS}
+        if accum > 1:
+          host = step_lib.split_micro_batches(host, accum)
+        dev = mesh_lib.shard_batch_from_host(host, mesh, batch_sharding,
+                                             batch_dim=1 if accum > 1 else 0, host_local=True)
+        state, m = step_fn(state, dev)
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        now = time.perf_counter()
+        dt, t_last = now - t_last, now
+        step += 1
+        pos += 1
+        if not math.isfinite(m["loss"]):
+          ckpt.wait()
+          raise NonFiniteLossError(
+              f"train: loss is {m['loss']} at step {step} (epoch {epoch}); stopping. The last "
+              f"good checkpoint is step {ckpt.latest_step()} under {ckpt.directory}; lower "
+              "train.lr or check the data")
+        m["step_time_s"] = dt
+        m["tokens_per_s"] = m["tokens"] / dt  # global tokens (all hosts)
+        m["epoch"] = epoch + pos / steps_per_epoch
+        seq_len = host["tokens"].shape[-1]
+        fpt = metrics_lib.train_flops_per_token(n_params, layers or 0, hidden or 0, seq_len)
+        util = metrics_lib.mfu(m["tokens_per_s"], fpt, tc.get("peak_flops_per_device", 0.0),
+                               jax.device_count())
+        if util is not None:
+          m["mfu"] = util
+        history.append({"step": step, **m})
+        if step % log_every == 0 or step == num_steps:
+          writer.write(step, m, prefix="train/")
+        postfix = {"loss": f"{m['loss']:.4f}", "tok/s": f"{m['tokens_per_s']:.0f}"}
+        if util is not None:
+          postfix["mfu"] = f"{util:.1%}"
+        bar.set_postfix(postfix, refresh=False)
+        bar.update(1)
+        if step_hook is not None:
+          step_hook(step, m)
+
+        if eval_every > 0 and step % eval_every == 0 and step < num_steps:
+          run_evals(step)
+        preempted = ckpt.reached_preemption(step)
+        if step >= num_steps or preempted:
+          ckpt.save(step, _ckpt_tree(state), data_position(), force=True)
+          if preempted and step < num_steps:
+            logging.warning("train: preemption signal at step %d: checkpoint saved, stopping",
+                            step)
+            stopped_early = True
+          break
+        ckpt.save(step, _ckpt_tree(state), data_position())
+      else:
+        if pos == 0:
+          raise ValueError(f"train: batches({epoch}, 0) yielded no batch")
+      if not stopped_early and step < num_steps:
+        epoch, pos = epoch + 1, 0
+    if not stopped_early:
+      run_evals(step)
+  finally:
+    bar.close()
+    ckpt.close()
+    writer.close()
+  return TrainResult(state=state, step=step, history=history, evals=evals,
+                     stopped_early=stopped_early, resumed_from=resumed_from)
