@@ -1,0 +1,176 @@
+"""Jitted beam search over item codes, constrained by the item trie.
+
+One call decodes a batch of users: the prompt is prefilled once per user, the cache is
+then repeated over ``num_beams`` rows, and each of the ``L`` code levels is one step of
+a ``lax.fori_loop`` over ``[batch * beams]`` rows, all with static shapes.
+
+Scores are sums of full-vocabulary log-probabilities of the code tokens, as
+Hugging Face's beam search with a ``prefix_allowed_tokens_fn`` computes them (log-softmax
+over the whole vocabulary, then disallowed tokens set to ``-inf``), so a beam's score is
+exactly the model's log-probability of that item's code given the prompt.
+
+Masks (``mode``):
+  * ``"trie"`` (default): only continuations of real item codes; every finished beam is
+    an item, and as beams are distinct paths no item appears twice.
+  * ``"position"``: LC-Rec's constraint, any code seen at that level; beams may spell
+    codes of no item, reported as item ``-1``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcrec_jax.decode.trie import Trie
+from lcrec_jax.llm.kv_cache import KVCache, init_cache, reorder_cache
+from lcrec_jax.llm.model import Llama
+
+NEG_INF = -jnp.inf
+Mode = Literal["trie", "position"]
+
+
+class BeamResult(NamedTuple):
+  """Top beams per user, best first.
+
+  Attributes:
+    items: ``[batch, beams]`` item numbers; ``-1`` for an invalid or empty beam.
+    scores: ``[batch, beams]`` log-probability of the beam's code tokens.
+    codes: ``[batch, beams, levels]`` level-local code ids.
+  """
+
+  items: jax.Array
+  scores: jax.Array
+  codes: jax.Array
+
+
+def _prefill(model: Llama, params: Any, prompt: jax.Array, prompt_mask: jax.Array,
+             max_len: int, lora: Any = None):
+  """Runs the left-padded prompt once: ``([batch, vocab] log-probs, cache)``.
+
+  Only the last position goes through the output head (``[batch, len, vocab]`` logits of
+  the whole prompt would cost ~20% of a small model's prefill and much memory).
+  """
+  cache = init_cache(model.config, prompt.shape[0], max_len)
+  hidden, cache = model.apply({"params": params}, prompt, attention_mask=prompt_mask,
+                              cache=cache, lora=lora, return_hidden=True)
+  logits = model.apply({"params": params}, hidden[:, -1], method=Llama.logits)
+  return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), cache
+
+
+def reorder_beam_cache(cache: KVCache, rows: jax.Array, start: int) -> KVCache:
+  """:func:`reorder_cache` for beams that share their user's prompt, at a fraction of the cost.
+
+  Beams of one user hold identical rows in the prompt slots ``[0, start)``, in ``mask`` and
+  in ``next_pos``, so when ``rows`` maps each beam to a beam of the same user, gathering the
+  generated slots ``[start, max_len)`` alone gives the same cache (the prompt part, most of
+  the cache, is neither read nor copied; XLA updates the slots in place inside a loop).
+
+  Args:
+    cache: a cache of ``batch * beams`` rows.
+    rows: ``[batch * beams]`` int source row of each row, within the same user's beams.
+    start: static first generated slot (the padded prompt length).
+  """
+  def gather(x):
+    return x.at[:, :, start:].set(jnp.take(x[:, :, start:], rows, axis=1))
+  return cache._replace(k=gather(cache.k), v=gather(cache.v))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_beams", "mode"))
+def constrained_beam_search(model: Llama, params: Any, prompt: jax.Array, prompt_mask: jax.Array,
+                            code_token_ids: jax.Array, trie: Trie | None = None,
+                            allowed_codes: jax.Array | None = None, *, num_beams: int,
+                            mode: Mode = "trie", lora: Any = None) -> BeamResult:
+  """Top ``num_beams`` item codes per user.
+
+  Args:
+    model: the Flax LLaMA (static).
+    params: its parameters.
+    prompt: ``[batch, len]`` int32, LEFT-padded so every row's last token is real.
+    prompt_mask: ``[batch, len]``, 1 for real tokens.
+    code_token_ids: ``[levels, max_codes]`` vocabulary id of each level's code ids
+      (``-1`` for padding beyond a level's size).
+    trie: the item trie (mode ``"trie"``).
+    allowed_codes: ``[levels, max_codes]`` bool, codes seen per level (mode ``"position"``).
+    num_beams: beams per user (static).
+    mode: ``"trie"`` or ``"position"`` (static).
+    lora: optional LoRA adapters applied on the fly.
+
+  Returns:
+    A :class:`BeamResult`. Items come from the trie in ``"trie"`` mode; in
+    ``"position"`` mode ``items`` is ``-1`` and the caller maps ``codes`` to items with
+    :func:`codes_to_items`.
+  """
+  batch, levels, max_codes = prompt.shape[0], code_token_ids.shape[0], code_token_ids.shape[1]
+  if mode == "trie" and trie is None:
+    raise ValueError("mode='trie' needs the item trie")
+  if mode == "position" and allowed_codes is None:
+    raise ValueError("mode='position' needs allowed_codes")
+  valid_token = code_token_ids >= 0
+  safe_ids = jnp.maximum(code_token_ids, 0)
+
+  def level_mask(level, nodes):
+    """``([batch, beams, K] allowed, [batch, beams, K] child node or item)``."""
+    if mode == "trie":
+      allowed, children = trie.allowed(level, nodes)
+    else:
+      allowed = jnp.broadcast_to(allowed_codes[level], nodes.shape + (max_codes,))
+      allowed = allowed & (nodes >= 0)[..., None]
+      children = jnp.where(allowed, 0, -1)
+    return allowed & valid_token[level], children
+
+  def select(level, scores, nodes, logp):
+    """One beam step: ``logp [batch, beams, V]`` -> new beams of the level's codes."""
+    cand = jnp.take(logp, safe_ids[level], axis=-1)                    # [B, W, K]
+    allowed, children = level_mask(level, nodes)
+    total = jnp.where(allowed, scores[..., None] + cand, NEG_INF)
+    flat_total = total.reshape(batch, -1)
+    if flat_total.shape[1] < num_beams:  # fewer candidates than beams: pad with dead ones
+      pad = jnp.full((batch, num_beams - flat_total.shape[1]), NEG_INF, flat_total.dtype)
+      flat_total = jnp.concatenate([flat_total, pad], axis=1)
+    top, flat = jax.lax.top_k(flat_total, num_beams)
+    flat = jnp.minimum(flat, total.shape[1] * max_codes - 1)
+    parent, code = flat // max_codes, flat % max_codes
+    child = jnp.take_along_axis(children.reshape(batch, -1), flat, axis=1)
+    child = jnp.where(jnp.isfinite(top), child, -1)
+    return top, parent, code, child
+
+  logp0, cache = _prefill(model, params, prompt, prompt_mask, prompt.shape[1] + levels - 1, lora)
+  root = jnp.zeros((batch, 1), jnp.int32)
+  scores, _, code, nodes = select(0, jnp.zeros((batch, 1)), root, logp0[:, None, :])
+  codes = jnp.zeros((batch, num_beams, levels), jnp.int32).at[:, :, 0].set(code)
+  rows = jnp.repeat(jnp.arange(batch), num_beams)
+  cache = reorder_cache(cache, rows)
+
+  def body(level, carry):
+    scores, nodes, codes, cache = carry
+    prev = jnp.take_along_axis(codes, jnp.full((batch, num_beams, 1), level - 1), axis=2)[..., 0]
+    tok = safe_ids[level - 1][prev].reshape(batch * num_beams, 1)
+    logits, cache = model.apply({"params": params}, tok, cache=cache, lora=lora)
+    logp = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32), axis=-1)
+    logp = logp.reshape(batch, num_beams, -1)
+    scores, parent, code, nodes = select(level, scores, nodes, logp)
+    codes = jnp.take_along_axis(codes, parent[..., None], axis=1).at[:, :, level].set(code)
+    cache = reorder_beam_cache(cache, (parent + jnp.arange(batch)[:, None] * num_beams).reshape(-1),
+                               prompt.shape[1])
+    return scores, nodes, codes, cache
+
+  scores, nodes, codes, _ = jax.lax.fori_loop(1, levels, body, (scores, nodes, codes, cache))
+  items = nodes if mode == "trie" else jnp.full_like(nodes, -1)
+  items = jnp.where(jnp.isfinite(scores), items, -1)
+  return BeamResult(items, scores, codes)
+
+
+def codes_to_items(codes: np.ndarray, scores: np.ndarray, lookup: dict[tuple[int, ...], int]
+                   ) -> np.ndarray:
+  """Map ``[batch, beams, levels]`` codes to item numbers (``-1`` = no such item)."""
+  codes, scores = np.asarray(codes), np.asarray(scores)
+  out = np.full(codes.shape[:2], -1, np.int64)
+  for b in range(codes.shape[0]):
+    for w in range(codes.shape[1]):
+      if np.isfinite(scores[b, w]):
+        out[b, w] = lookup.get(tuple(int(c) for c in codes[b, w]), -1)
+  return out
