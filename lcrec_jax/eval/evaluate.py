@@ -1,0 +1,386 @@
+"""Full-ranking evaluation: batched constrained beam search over seqrec prompts.
+
+For each split (``"valid"``, ``"test"``) and each seqrec template, every user's prompt is
+built exactly as training builds it (:func:`lcrec_jax.tasks.batching.encode_prompt`, cut
+from the left to fit the largest bucket together with the code response and EOS),
+left-padded to the smallest bucket of ``cfg_tasks.buckets`` that holds it, and decoded in
+batches of a fixed size (the last batch of a bucket is filled with copies of its first
+row), so each (bucket, mode) pair compiles once. The beams, best first, are the ranked
+list: HR@1/5/10 and NDCG@5/10 over the whole catalogue (:mod:`lcrec_jax.eval.metrics`),
+then mean/min/max over templates as LC-Rec reports them.
+
+Masks: ``"trie"`` (every beam is an item) and ``"position"`` (LC-Rec's per-level mask;
+beams that spell no item count as misses). The share of non-empty beams that are real
+items is reported per mode: 1.0 for the trie by construction.
+
+Also reported, separately and never mixed into the main numbers: the same metrics after
+dropping items the user already interacted with from the ranked list
+(``seen_excluded``); MovieLens-100K has no repeated user-item pairs, so this is a large,
+legitimate gain that must be labelled as such.
+
+Results layout (json-ready)::
+
+  results["test"]["mean"]["NDCG@10"]            # primary mode (first of cfg_eval.modes)
+  results["test"]["min"] / ["max"]
+  results["test"]["per_template"]["3"]["HR@5"]
+  results["test"]["valid_beam_share"]["position"]
+  results["test"]["modes"]["position"]["mean"]["HR@10"]
+  results["test"]["seen_excluded"]["mean"]["NDCG@10"]
+  results["settings"], results["seconds"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from lcrec_jax.data.dataset import Dataset
+from lcrec_jax.decode.beam_search import codes_to_items, constrained_beam_search
+from lcrec_jax.decode.trie import Trie, build_trie, position_mask
+from lcrec_jax.eval.metrics import DEFAULT_KS, DEFAULT_NDCG_KS, summarize_templates, topk_metrics
+from lcrec_jax.index.item_index import ItemIndex
+from lcrec_jax.llm.model import Llama
+from lcrec_jax.tasks import batching
+from lcrec_jax.tasks.builders import num_templates, seqrec_eval_examples
+
+MODES = ("trie", "position")
+SPLITS = ("valid", "test")
+RESULTS_FILE = os.path.join("eval", "results.json")
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+  """``cfg.key`` for a ConfigDict / object, ``cfg[key]`` for a dict; ``default`` if absent."""
+  if cfg is None:
+    return default
+  if isinstance(cfg, Mapping):
+    return cfg.get(key, default)
+  try:
+    return getattr(cfg, key)
+  except (AttributeError, KeyError):
+    return default
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  """The evaluation settings, checked (from the config's ``eval`` section)."""
+
+  num_beams: int = 20
+  batch_size: int = 16
+  splits: tuple[str, ...] = SPLITS
+  template_ids: tuple[int, ...] = ()
+  modes: tuple[str, ...] = MODES
+  max_users: int = 0
+  seed: int = 0
+
+  @classmethod
+  def from_config(cls, cfg_eval: Any) -> "EvalSettings":
+    """Reads ``num_beams``, ``batch_size``, ``splits``, ``template_ids`` (None = all seqrec
+    templates), ``modes``, ``max_users`` (0 = all) and ``seed`` from ``cfg_eval``."""
+    n_tmpl = num_templates("seqrec")
+    tids = _get(cfg_eval, "template_ids", None)
+    tids = tuple(range(n_tmpl)) if tids is None else tuple(int(t) for t in tids)
+    out = cls(num_beams=int(_get(cfg_eval, "num_beams", 20)),
+              batch_size=int(_get(cfg_eval, "batch_size", 16)),
+              splits=tuple(_get(cfg_eval, "splits", SPLITS)),
+              template_ids=tids, modes=tuple(_get(cfg_eval, "modes", MODES)),
+              max_users=int(_get(cfg_eval, "max_users", 0) or 0),
+              seed=int(_get(cfg_eval, "seed", 0) or 0))
+    need = max(DEFAULT_KS + DEFAULT_NDCG_KS)
+    if out.num_beams < need:
+      raise ValueError(f"config eval.num_beams={out.num_beams}: full-ranking metrics up to "
+                       f"K={need} need at least {need} beams")
+    if out.batch_size < 1:
+      raise ValueError(f"config eval.batch_size must be >= 1, got {out.batch_size}")
+    bad = [s for s in out.splits if s not in SPLITS]
+    if bad or not out.splits:
+      raise ValueError(f"config eval.splits={out.splits}: each must be one of {SPLITS}")
+    bad = [m for m in out.modes if m not in MODES]
+    if bad or not out.modes:
+      raise ValueError(f"config eval.modes={out.modes}: each must be one of {MODES}")
+    bad = [t for t in out.template_ids if not 0 <= t < n_tmpl]
+    if bad or not out.template_ids:
+      raise ValueError(f"config eval.template_ids={out.template_ids}: seqrec has templates "
+                       f"0..{n_tmpl - 1}")
+    if out.max_users < 0:
+      raise ValueError(f"config eval.max_users must be >= 0 (0 = all), got {out.max_users}")
+    return out
+
+
+def prompt_max_len(cfg_tasks: Any, num_levels: int) -> int:
+  """Longest prompt training keeps: the largest bucket minus the code response and EOS."""
+  buckets = tuple(int(b) for b in _get(cfg_tasks, "buckets", ()))
+  if not buckets:
+    raise ValueError("config tasks.buckets is empty: evaluation needs the bucket lengths")
+  return max(buckets) - num_levels - 1
+
+
+def eval_prompt_ids(tokenizer: Any, instruction: str, cfg_tasks: Any, num_levels: int
+                    ) -> np.ndarray:
+  """``[len]`` int32 prompt ids, identical to the prompt part of a training sequence."""
+  return batching.encode_prompt(tokenizer, instruction, prompt_max_len(cfg_tasks, num_levels),
+                                add_bos=_get(cfg_tasks, "add_bos", None))
+
+
+class Decoder:
+  """Everything constant across evaluation calls: code token table, trie, position mask.
+
+  Call :meth:`rank` with prompts of any lengths; it buckets, pads and batches them.
+  """
+
+  def __init__(self, model: Llama, tokenizer: Any, index: ItemIndex,
+               buckets: Sequence[int], trie: Trie | None = None):
+    self.model = model
+    self.index = index
+    self.buckets = tuple(sorted(int(b) for b in buckets))
+    self.pad_id = int(tokenizer.pad_id if tokenizer.pad_id is not None else 0)
+    self.code_ids = jnp.asarray(tokenizer.code_token_ids(index))
+    vocab = model.config.vocab_size
+    if int(np.max(np.asarray(self.code_ids))) >= vocab:
+      raise ValueError(f"the tokenizer's code tokens reach id {int(np.max(self.code_ids))} but "
+                       f"the model's vocab_size is {vocab}: grow the embeddings first")
+    self.trie = build_trie(index) if trie is None else trie
+    self.allowed = jnp.asarray(position_mask(index))
+    self.lookup = index.lookup()
+
+  def bucket_of(self, length: int) -> int:
+    """Smallest bucket holding ``length`` tokens (a longer prompt: an error naming it)."""
+    for b in self.buckets:
+      if length <= b:
+        return b
+    raise ValueError(f"a {length}-token prompt exceeds the largest bucket {self.buckets[-1]} "
+                     "(config tasks.buckets)")
+
+  def rank(self, params: Any, prompts: Sequence[np.ndarray], *, num_beams: int, mode: str,
+           batch_size: int, lora: Any = None, progress: bool = False, desc: str = "decode"
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Top beams of every prompt.
+
+    Args:
+      params: model parameters.
+      prompts: per user a ``[len]`` int32 prompt (no padding).
+      num_beams: beams per user (static).
+      mode: ``"trie"`` or ``"position"``.
+      batch_size: users per beam-search call (fixed; the last batch is padded).
+      lora: optional LoRA adapters.
+      progress: show a tqdm bar.
+      desc: its label.
+
+    Returns:
+      ``(items [N, num_beams] int64, scores [N, num_beams] float32)``; items are ``-1``
+      for beams that spell no item or are empty.
+    """
+    n = len(prompts)
+    items = np.full((n, num_beams), -1, np.int64)
+    scores = np.full((n, num_beams), -np.inf, np.float32)
+    lengths = np.asarray([len(p) for p in prompts], np.int64)
+    plan = []
+    by_bucket: dict[int, list[int]] = {}
+    for i, length in enumerate(lengths):
+      by_bucket.setdefault(self.bucket_of(int(length)), []).append(i)
+    for b in sorted(by_bucket):
+      rows = by_bucket[b]
+      for s in range(0, len(rows), batch_size):
+        plan.append((b, rows[s:s + batch_size]))
+    for b, rows in tqdm(plan, desc=desc, disable=not progress, leave=False):
+      tok = np.full((batch_size, b), self.pad_id, np.int32)
+      mask = np.zeros((batch_size, b), np.int32)
+      for r in range(batch_size):
+        p = prompts[rows[r] if r < len(rows) else rows[0]]
+        tok[r, b - len(p):] = p
+        mask[r, b - len(p):] = 1
+      res = constrained_beam_search(
+          self.model, params, jnp.asarray(tok), jnp.asarray(mask), self.code_ids,
+          self.trie if mode == "trie" else None, self.allowed if mode == "position" else None,
+          num_beams=num_beams, mode=mode, lora=lora)
+      res = jax.device_get(res)
+      k = len(rows)
+      sc = np.asarray(res.scores[:k], np.float32)
+      if mode == "trie":
+        it = np.asarray(res.items[:k], np.int64)
+      else:
+        it = codes_to_items(res.codes[:k], sc, self.lookup)
+      items[rows], scores[rows] = it, sc
+    return items, scores
+
+
+def valid_beam_share(items: np.ndarray, scores: np.ndarray) -> float:
+  """Share of non-empty beams (finite score) that are real items."""
+  live = np.isfinite(scores)
+  return float((items[live] >= 0).sum() / max(int(live.sum()), 1))
+
+
+def exclude_seen(items: np.ndarray, seen: Sequence[Sequence[int]]) -> np.ndarray:
+  """``items [N, W]`` with each user's ``seen`` items removed, the rest moved up (``-1`` fill)."""
+  out = np.full_like(items, -1)
+  for r, row in enumerate(items):
+    s = set(int(i) for i in seen[r])
+    keep = [int(i) for i in row if i >= 0 and int(i) not in s]
+    out[r, :len(keep)] = keep
+  return out
+
+
+def sample_users(num_users: int, max_users: int, seed: int = 0) -> np.ndarray:
+  """Sorted user numbers: all when ``max_users`` is 0 or covers everyone, else a seeded sample."""
+  if max_users <= 0 or max_users >= num_users:
+    return np.arange(num_users)
+  rng = np.random.default_rng([int(seed), 20240])
+  return np.sort(rng.choice(num_users, size=max_users, replace=False))
+
+
+def _aggregate(per_template: dict[int, dict[str, float]]) -> dict[str, Any]:
+  agg = summarize_templates(list(per_template.values()))
+  return {**agg, "per_template": {str(t): m for t, m in per_template.items()}}
+
+
+def evaluate(model: Llama, params: Any, tokenizer: Any, dataset: Dataset, index: ItemIndex,
+             cfg_eval: Any, cfg_tasks: Any, *, lora: Any = None, progress: bool = True,
+             decoder: Decoder | None = None) -> dict[str, Any]:
+  """Full-ranking HR/NDCG of the model on every configured split, template and mask.
+
+  Args:
+    model: the Flax LLaMA whose vocabulary holds the item-code tokens.
+    params: its parameters.
+    tokenizer: an :class:`lcrec_jax.llm.tokenizer.LCRecTokenizer` (or alike) with the codes.
+    dataset: the dataset (leave-one-out split taken from it).
+    index: its conflict-free item index.
+    cfg_eval: the config's ``eval`` section (see :class:`EvalSettings`).
+    cfg_tasks: the config's ``tasks`` section (``buckets``, ``add_bos``, ``max_history``).
+    lora: optional LoRA adapters, applied on the fly.
+    progress: tqdm bars.
+    decoder: a prebuilt :class:`Decoder` to reuse (tables and compiled shapes).
+
+  Returns:
+    The results dict described in the module docstring.
+  """
+  st = EvalSettings.from_config(cfg_eval)
+  t0 = time.perf_counter()
+  max_history = int(_get(cfg_tasks, "max_history", 20))
+  if decoder is None:
+    decoder = Decoder(model, tokenizer, index, _get(cfg_tasks, "buckets"))
+  num_beams = min(st.num_beams, index.num_items)  # more beams than items: nothing to add
+  users = sample_users(dataset.num_users, st.max_users, st.seed)
+  split_data = dataset.split()
+  results: dict[str, Any] = {"settings": {
+      **dataclasses.asdict(st), "num_beams_used": num_beams, "num_users": int(len(users)),
+      "num_items": index.num_items, "max_history": max_history,
+      "buckets": list(decoder.buckets), "primary_mode": st.modes[0]}}
+  for split in st.splits:
+    rows = split_data.valid if split == "valid" else split_data.test
+    seen = [np.asarray(rows[u].history) for u in users]
+    per_mode: dict[str, dict[int, dict[str, float]]] = {m: {} for m in st.modes}
+    shares: dict[str, dict[int, float]] = {m: {} for m in st.modes}
+    seen_excl: dict[int, dict[str, float]] = {}
+    for t in st.template_ids:
+      examples = seqrec_eval_examples(dataset, index, split, t, max_history)
+      examples = [examples[int(u)] for u in users]
+      prompts = [eval_prompt_ids(tokenizer, ex.instruction, cfg_tasks, index.num_levels)
+                 for ex in examples]
+      targets = np.asarray([ex.meta["target"] for ex in examples], np.int64)
+      for m in st.modes:
+        items, scores = decoder.rank(params, prompts, num_beams=num_beams, mode=m,
+                                     batch_size=st.batch_size, lora=lora, progress=progress,
+                                     desc=f"eval {split} template {t} {m}")
+        ranked = _at_least(items, max(DEFAULT_KS + DEFAULT_NDCG_KS))
+        per_mode[m][t] = topk_metrics(ranked, targets)
+        shares[m][t] = valid_beam_share(items, scores)
+        if m == st.modes[0]:
+          seen_excl[t] = topk_metrics(_at_least(exclude_seen(items, seen), ranked.shape[1]),
+                                      targets)
+    primary = _aggregate(per_mode[st.modes[0]])
+    results[split] = {
+        "num_users": int(len(users)),
+        "mode": st.modes[0],
+        **primary,
+        "valid_beam_share": {m: float(np.mean(list(shares[m].values()))) for m in st.modes},
+        "modes": {m: {**_aggregate(per_mode[m]),
+                      "valid_beam_share": {str(t): s for t, s in shares[m].items()}}
+                  for m in st.modes},
+        "seen_excluded": _aggregate(seen_excl),
+    }
+  results["seconds"] = time.perf_counter() - t0
+  return results
+
+
+def _at_least(items: np.ndarray, width: int) -> np.ndarray:
+  """Pads ``[N, W]`` ranked lists with ``-1`` to at least ``width`` columns (tiny catalogues)."""
+  if items.shape[1] >= width:
+    return items
+  return np.concatenate([items, np.full((items.shape[0], width - items.shape[1]), -1,
+                                        items.dtype)], 1)
+
+
+def quick_metrics(model: Llama, params: Any, tokenizer: Any, dataset: Dataset,
+                  index: ItemIndex, cfg_eval: Any, cfg_tasks: Any, *, lora: Any = None,
+                  max_users: int | None = None, split: str = "valid",
+                  template_id: int = 0, mode: str = "trie", progress: bool = False,
+                  decoder: Decoder | None = None) -> dict[str, float]:
+  """Flat HR/NDCG on a seeded sample of users, one template and one mask.
+
+  For the trainer's validation hook. ``max_users`` defaults to ``cfg_eval.quick_users``
+  (else 128); returns e.g. ``{"HR@10": ..., "NDCG@10": ..., "valid_beam_share": 1.0}``.
+  """
+  if max_users is None:
+    max_users = int(_get(cfg_eval, "quick_users", 128) or 128)
+  cfg = {"num_beams": _get(cfg_eval, "num_beams", 20),
+         "batch_size": _get(cfg_eval, "batch_size", 16), "splits": (split,),
+         "template_ids": (template_id,), "modes": (mode,), "max_users": max_users,
+         "seed": _get(cfg_eval, "seed", 0)}
+  res = evaluate(model, params, tokenizer, dataset, index, cfg, cfg_tasks, lora=lora,
+                 progress=progress, decoder=decoder)[split]
+  return {**res["mean"], "valid_beam_share": res["valid_beam_share"][mode]}
+
+
+def validation_hook(model: Llama, tokenizer: Any, dataset: Dataset, index: ItemIndex,
+                    cfg_eval: Any, cfg_tasks: Any, *,
+                    params_fn: Callable[[Any], Any] = lambda state: state.params,
+                    lora_fn: Callable[[Any], Any] | None = None, **kwargs
+                    ) -> Callable[[int, Any], dict[str, float]]:
+  """A ``(step, state) -> metrics`` callback for ``lcrec_jax.train.trainer.train``.
+
+  ``params_fn`` / ``lora_fn`` pull the base params and the adapters out of the train
+  state; ``kwargs`` go to :func:`quick_metrics`. Tables and compiled shapes are reused
+  across calls.
+  """
+  decoder = Decoder(model, tokenizer, index, _get(cfg_tasks, "buckets"))
+
+  def hook(step: int, state: Any) -> dict[str, float]:
+    del step
+    lora = lora_fn(state) if lora_fn is not None else None
+    return quick_metrics(model, params_fn(state), tokenizer, dataset, index, cfg_eval,
+                         cfg_tasks, lora=lora, decoder=decoder, **kwargs)
+
+  return hook
+
+
+def results_path(workdir: str) -> str:
+  """``<workdir>/eval/results.json``."""
+  return os.path.join(workdir, RESULTS_FILE)
+
+
+def write_results(results: Mapping[str, Any], workdir: str) -> str:
+  """Writes ``<workdir>/eval/results.json`` atomically (temp file + rename); returns the path."""
+  path = results_path(workdir)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=2, sort_keys=False)
+  os.replace(tmp, path)
+  return path
+
+
+def load_results(workdir: str) -> dict[str, Any]:
+  """Reads what :func:`write_results` wrote."""
+  path = results_path(workdir)
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{path}: no evaluation results (run the eval stage)") from None

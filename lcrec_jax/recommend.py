@@ -1,0 +1,309 @@
+"""Top-K items for a history, from a finished run.
+
+  python -m lcrec_jax.recommend --workdir=runs/ml100k --history="Toy Story; Heat; 50"
+  python -m lcrec_jax.recommend --workdir=runs/ml100k --history="Cape Fear (1991); 50" \
+      --k=5 --json
+
+A history is ``;``-separated, oldest first; each entry is an item id or a title. An entry
+matches, in this order: an item id exactly (also as ``[id]``); a title, or ``Title (year)``,
+equal up to case and spacing; a title containing the text (case-insensitive); a close
+spelling (difflib).
+Several items at the first stage that matches is an error listing them (use the id or
+``Title (year)``). Items the history holds are left out of the answer unless
+``--include_history``.
+
+A finished run directory holds (written by ``lcrec_jax.main``):
+
+* ``config.json``: the run config (``ConfigDict.to_json()``);
+* ``index/``: the index stage outputs (``index.json``, ``report.json``, ``DONE``);
+* ``model/``: an HF-style directory (``config.json``, ``model.safetensors``,
+  ``tokenizer.json`` with the item-code tokens) and ``model/DONE``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import sys
+from typing import Any, NamedTuple, Sequence
+
+from absl import app, flags
+import ml_collections
+
+from lcrec_jax.data.dataset import Dataset, Item
+from lcrec_jax.index.item_index import ItemIndex
+
+MAX_LISTED = 10
+FUZZY_CUTOFF = 0.75
+SUGGEST_CUTOFF = 0.45
+
+
+class RecommendError(ValueError):
+  """A user-facing problem: bad history, unknown item, unfinished run."""
+
+
+class FinishedRun(NamedTuple):
+  """What :func:`load_finished_run` returns."""
+
+  model: Any            # lcrec_jax.llm.model.Llama
+  params: Any           # its parameter pytree
+  tokenizer: Any        # lcrec_jax.llm.tokenizer.LCRecTokenizer with the code tokens
+  dataset: Dataset
+  index: ItemIndex
+  config: ml_collections.ConfigDict
+
+
+def run_paths(workdir: str) -> dict[str, str]:
+  """Files of a finished run that recommend reads."""
+  return {"config": os.path.join(workdir, "config.json"),
+          "model": os.path.join(workdir, "model"),
+          "model_done": os.path.join(workdir, "model", "DONE"),
+          "index_done": os.path.join(workdir, "index", "DONE")}
+
+
+def load_finished_run(workdir: str) -> FinishedRun:
+  """Loads the run config, dataset, item index, exported model and tokenizer of ``workdir``.
+
+  Raises:
+    RecommendError: ``workdir`` is not a run directory, or its index or model is not
+      finished (names the missing file and the command that makes it).
+  """
+  paths = run_paths(workdir)
+  if not os.path.isdir(workdir):
+    raise RecommendError(f"--workdir={workdir}: no such directory")
+  if not os.path.isfile(paths["config"]):
+    raise RecommendError(f"{paths['config']} not found: {workdir} is not a run directory "
+                         "(run python -m lcrec_jax.main --config=... --workdir=... first)")
+  with open(paths["config"], encoding="utf-8") as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  for key, what in (("index_done", "index"), ("model_done", "model")):
+    if not os.path.isfile(paths[key]):
+      raise RecommendError(
+          f"{paths[key]} not found: {workdir} has no finished {what}; run "
+          f"python -m lcrec_jax.main --config=<recipe> --workdir={workdir} to finish it")
+  # Heavy imports only once the run is known to be usable.
+  from lcrec_jax.data.loaders import load_dataset  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.index.stage import load_index  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.llm import safetensors_io  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.llm.model import Llama  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.llm.tokenizer import LCRecTokenizer  # pylint: disable=g-import-not-at-top
+
+  dataset = load_dataset(config.data)
+  index = load_index(workdir, dataset)
+  params, model_cfg = safetensors_io.load_hf_dir(paths["model"])
+  tokenizer = LCRecTokenizer.from_dir(paths["model"])
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    raise RecommendError(f"{paths['model']}: tokenizer has {tokenizer.vocab_size} tokens but "
+                         f"the model only {model_cfg.vocab_size} embedding rows")
+  return FinishedRun(Llama(model_cfg), params, tokenizer, dataset, index, config)
+
+
+# --- item names ---------------------------------------------------------------------------
+
+
+def display_title(item: Item) -> str:
+  """``"Title (year)"`` when the item has a year field, else the title."""
+  year = str(item.fields.get("year", "") or "").strip()
+  return f"{item.title} ({year})" if year else item.title
+
+
+def _norm(text: str) -> str:
+  return " ".join(text.casefold().split())
+
+
+class ItemMatcher:
+  """Resolves history entries (ids or titles) to item numbers; see the module docstring."""
+
+  def __init__(self, dataset: Dataset):
+    self.dataset = dataset
+    self.by_id = dataset.item_number()
+    self.titles = [display_title(it) for it in dataset.items]
+    self.keys = [(_norm(it.title), _norm(t)) for it, t in zip(dataset.items, self.titles)]
+    self.by_key: dict[str, list[int]] = {}
+    for i, pair in enumerate(self.keys):
+      for key in set(pair):
+        self.by_key.setdefault(key, []).append(i)
+
+  def describe(self, i: int) -> str:
+    return f"[{self.dataset.items[i].item_id}] {self.titles[i]}"
+
+  def _ambiguous(self, query: str, items: Sequence[int], how: str) -> RecommendError:
+    items = sorted(set(items), key=lambda i: self.titles[i])
+    listed = "; ".join(self.describe(i) for i in items[:MAX_LISTED])
+    more = f"; and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+    return RecommendError(f"history item {query!r} is ambiguous: {how} {len(items)} items: "
+                          f"{listed}{more}. Give the item id (in brackets above) or the exact "
+                          "'Title (year)'")
+
+  def resolve(self, query: str) -> int:
+    """Item number of one history entry.
+
+    Raises:
+      RecommendError: empty entry, several matches (listed) or none (closest listed).
+    """
+    q = query.strip()
+    if not q:
+      raise RecommendError("empty history item (two ';' in a row?)")
+    if q.startswith("[") and q.endswith("]") and q[1:-1].strip() in self.by_id:
+      return self.by_id[q[1:-1].strip()]  # an id as the error messages print it
+    if q in self.by_id:
+      return self.by_id[q]
+    nq = _norm(q)
+    exact = self.by_key.get(nq, [])
+    if len(exact) == 1:
+      return exact[0]
+    if exact:
+      raise self._ambiguous(q, exact, "its title names")
+    contains = [i for i, (t, d) in enumerate(self.keys) if nq in d]
+    if len(contains) == 1:
+      return contains[0]
+    if contains:
+      raise self._ambiguous(q, contains, "it appears in the titles of")
+    close = difflib.get_close_matches(nq, list(self.by_key), n=MAX_LISTED, cutoff=FUZZY_CUTOFF)
+    close_items = list(dict.fromkeys(i for key in close for i in self.by_key[key]))
+    if len(close_items) == 1:
+      return close_items[0]
+    if close_items:
+      raise self._ambiguous(q, close_items, "it is spelled close to")
+    near = difflib.get_close_matches(nq, list(self.by_key), n=5, cutoff=SUGGEST_CUTOFF)
+    near_items = list(dict.fromkeys(i for key in near for i in self.by_key[key]))[:5]
+    hint = ("; closest: " + "; ".join(self.describe(i) for i in near_items)) if near_items else ""
+    raise RecommendError(f"history item {q!r}: no item has this id or title "
+                         f"({self.dataset.num_items} items in {self.dataset.name!r}){hint}")
+
+  def parse_history(self, history: str | Sequence[str]) -> list[int]:
+    """Item numbers of a ``;``-separated history (or a list of entries), oldest first."""
+    entries = history.split(";") if isinstance(history, str) else list(history)
+    if not any(e.strip() for e in entries):
+      raise RecommendError("the history is empty: give item ids or titles separated by ';', "
+                           "e.g. --history=\"Toy Story; Heat; 50\"")
+    # A trailing ';' is harmless; an empty entry between two items is not.
+    while entries and not entries[-1].strip():
+      entries.pop()
+    return [self.resolve(e) for e in entries]
+
+
+# --- recommending -------------------------------------------------------------------------
+
+
+def recommend(run: FinishedRun, history: Sequence[int], k: int = 10, *,
+              template_id: int | None = None, mode: str = "trie",
+              include_history: bool = False, decoder: Any = None) -> list[dict[str, Any]]:
+  """Top-``k`` items for a history of item numbers, best first.
+
+  Args:
+    run: from :func:`load_finished_run`.
+    history: item numbers, oldest first (the last ``tasks.max_history`` are shown).
+    k: how many items.
+    template_id: seqrec template; default the first of ``eval.template_ids`` (else 0).
+    mode: ``"trie"`` or ``"position"`` mask.
+    include_history: allow items of the history in the answer.
+    decoder: a reusable :class:`lcrec_jax.eval.evaluate.Decoder`.
+
+  Returns:
+    ``[{"rank", "item_id", "title", "score" (log-probability of the code), "prob"}]``,
+    fewer than ``k`` only when the catalogue (minus the history) is smaller.
+  """
+  from lcrec_jax.eval import evaluate as ev  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.tasks import prompts  # pylint: disable=g-import-not-at-top
+
+  if k < 1:
+    raise RecommendError(f"--k must be >= 1, got {k}")
+  if not history:
+    raise RecommendError("the history is empty")
+  cfg = run.config
+  cfg_tasks = cfg.get("tasks", {})
+  cfg_eval = cfg.get("eval", {}) or {}
+  if template_id is None:
+    tids = cfg_eval.get("template_ids", None) if cfg_eval else None
+    template_id = int(tids[0]) if tids else 0
+  max_history = int(cfg_tasks.get("max_history", 20))
+  shown = [int(i) for i in history][-max_history:]
+  codes = prompts.HISTORY_SEP.join(run.index.item_code_str(i) for i in shown)
+  instruction, _ = prompts.templates("seqrec")[template_id].render({"history": codes,
+                                                                    "item": ""})
+  prompt = ev.eval_prompt_ids(run.tokenizer, instruction, cfg_tasks, run.index.num_levels)
+  if decoder is None:
+    decoder = ev.Decoder(run.model, run.tokenizer, run.index, cfg_tasks.get("buckets"))
+  skip = set() if include_history else set(int(i) for i in history)
+  base = int(cfg_eval.get("num_beams", 20)) if cfg_eval else 20
+  num_beams = min(run.index.num_items, max(base, k + len(skip)))
+  items, scores = decoder.rank(run.params, [prompt], num_beams=num_beams, mode=mode,
+                               batch_size=1)
+  out = []
+  for item, score in zip(items[0].tolist(), scores[0].tolist()):
+    if item < 0 or item in skip:
+      continue
+    it = run.dataset.items[item]
+    out.append({"rank": len(out) + 1, "item_id": it.item_id, "title": display_title(it),
+                "score": float(score), "prob": math.exp(score)})
+    if len(out) == k:
+      break
+  return out
+
+
+def format_text(history: Sequence[int], recs: Sequence[dict[str, Any]],
+                matcher: ItemMatcher) -> str:
+  """The human-readable answer."""
+  lines = ["History (oldest first):"]
+  lines += [f"  {matcher.describe(i)}" for i in history]
+  lines.append(f"Top {len(recs)} recommendations (log-probability of the item's code):")
+  width = max((len(r["item_id"]) for r in recs), default=1) + 2
+  for r in recs:
+    lines.append(f"  {r['rank']:>2}. {'[' + r['item_id'] + ']':<{width}} {r['title']:<50} "
+                 f"{r['score']:9.4f}")
+  return "\n".join(lines)
+
+
+def run_command(workdir: str, history: str, k: int = 10, as_json: bool = False, *,
+                template_id: int | None = None, mode: str = "trie",
+                include_history: bool = False) -> str:
+  """What the CLI prints (text or json); raises :class:`RecommendError` on bad input."""
+  if not any(e.strip() for e in (history or "").split(";")):
+    raise RecommendError("the history is empty: give item ids or titles separated by ';', "
+                         "e.g. --history=\"Toy Story; Heat; 50\"")
+  run = load_finished_run(workdir)
+  matcher = ItemMatcher(run.dataset)
+  hist = matcher.parse_history(history)
+  recs = recommend(run, hist, k, template_id=template_id, mode=mode,
+                   include_history=include_history)
+  if as_json:
+    return json.dumps({
+        "workdir": workdir, "k": k, "mode": mode,
+        "history": [{"item_id": run.dataset.items[i].item_id, "title": matcher.titles[i]}
+                    for i in hist],
+        "recommendations": recs}, indent=2, ensure_ascii=False)
+  return format_text(hist, recs, matcher)
+
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A finished run directory (lcrec_jax.main).")
+_HISTORY = flags.DEFINE_string("history", None,
+                               "Item ids or titles, ';'-separated, oldest first.")
+_K = flags.DEFINE_integer("k", 10, "How many items to recommend.")
+_JSON = flags.DEFINE_bool("json", False, "Print json instead of a table.")
+_TEMPLATE = flags.DEFINE_integer("template", None,
+                                 "seqrec prompt template (default: eval.template_ids[0] or 0).")
+_MODE = flags.DEFINE_enum("mode", "trie", ["trie", "position"],
+                          "Decoding mask: the item trie or LC-Rec's per-position mask.")
+_INCLUDE = flags.DEFINE_bool("include_history", False,
+                             "Allow items of the history among the recommendations.")
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required")
+  try:
+    print(run_command(_WORKDIR.value, _HISTORY.value or "", _K.value, _JSON.value,
+                      template_id=_TEMPLATE.value, mode=_MODE.value,
+                      include_history=_INCLUDE.value))
+  except RecommendError as e:
+    print(f"recommend: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)
