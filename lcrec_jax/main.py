@@ -22,10 +22,11 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file with get_config().",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every output of the run.")
-_STAGES = flags.DEFINE_list("stages", ["index"], "Stages to run, in pipeline order.")
+_STAGES = flags.DEFINE_list("stages", ["index", "train", "eval"],
+                            "Stages to run (index, train, eval, baseline); run in pipeline order.")
 _FORCE = flags.DEFINE_list("force", [], "Stages to re-run even if their outputs are complete.")
 
-STAGE_ORDER = ("index",)
+STAGE_ORDER = ("index", "train", "eval", "baseline")
 
 
 class Pipeline:
@@ -57,14 +58,38 @@ class Pipeline:
                    time.perf_counter() - t0)
     return self._embeddings
 
+  @property
+  def index(self):
+    if self._index is None:
+      from lcrec_jax.index.stage import index_paths, load_index
+      if not os.path.exists(index_paths(self.workdir)["done"]):
+        raise app.UsageError(f"{self.workdir}/index is not finished; run --stages=index first")
+      self._index = load_index(self.workdir, self.dataset)
+    return self._index
+
   def run_index(self, force: bool):
     from lcrec_jax.index.stage import run_index_stage
     self._index = run_index_stage(self.config, self.workdir, self.dataset, self.embeddings,
                                   force=force)
 
+  def run_train(self, force: bool):
+    from lcrec_jax.train.stage import run_train_stage
+    run_train_stage(self.config, self.workdir, self.dataset, self.index, force=force)
+
+  def run_eval(self, force: bool):
+    from lcrec_jax.eval.stage import run_eval_stage
+    run_eval_stage(self.config, self.workdir, self.dataset, self.index, force=force)
+
+  def run_baseline(self, force: bool):
+    from lcrec_jax.baselines.stage import run_baseline_stage
+    run_baseline_stage(self.config, self.workdir, self.dataset, force=force)
+
 
 STAGES: dict[str, Callable[[Pipeline, bool], None]] = {
     "index": Pipeline.run_index,
+    "train": Pipeline.run_train,
+    "eval": Pipeline.run_eval,
+    "baseline": Pipeline.run_baseline,
 }
 
 

@@ -1,0 +1,1 @@
+"""Reference recommenders trained and evaluated on the same split and protocol."""

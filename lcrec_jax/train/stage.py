@@ -1,0 +1,113 @@
+"""The train stage: LC-Rec alignment tuning on the index stage's codes.
+
+Reads ``<workdir>/index/`` (the conflict-free codes), builds the tokenizer with the code
+tokens and the model (``lcrec_jax.llm.build``), the task examples and static-shape
+batches (``lcrec_jax.tasks``), and runs the sharded, resumable trainer
+(``lcrec_jax.train.trainer``: checkpoints under ``<workdir>/train/``). At the end the
+model (LoRA merged) is exported as an HF directory ``<workdir>/model/`` with the
+tokenizer, then ``<workdir>/model/DONE`` is written. With ``DONE`` present the stage is
+skipped unless forced; an interrupted stage resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import ml_collections
+from absl import logging
+
+from lcrec_jax.data.dataset import Dataset
+from lcrec_jax.eval import evaluate as evaluate_lib
+from lcrec_jax.index.item_index import ItemIndex
+from lcrec_jax.llm import build, export
+from lcrec_jax.llm import lora as lora_lib
+from lcrec_jax.tasks import batching, builders
+from lcrec_jax.train import trainer
+
+
+def _examples(config: ml_collections.ConfigDict, dataset: Dataset, index: ItemIndex):
+  tc = config.tasks
+  return builders.build_train_examples(
+      dataset, index, tc.names, sample_nums=tc.sample_nums,
+      prompt_sample_nums=tc.prompt_sample_nums, seed=config.seed, max_history=tc.max_history,
+      preference_from=tc.preference_from, show_progress=True)
+
+
+def _valid_examples(config: ml_collections.ConfigDict, dataset: Dataset, index: ItemIndex):
+  """Seqrec validation examples of a fixed user sample, for the validation loss."""
+  ex = builders.seqrec_eval_examples(dataset, index, "valid", 0, config.tasks.max_history)
+  n = int(config.train.get("valid_users", 0) or 0)
+  return ex[:n] if n > 0 else ex
+
+
+def run_train_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Dataset,
+                    index: ItemIndex, force: bool = False) -> str:
+  """Fine-tunes the LLM; returns the exported model directory.
+
+  Args:
+    config: whole run config (``seed``, ``model``, ``tasks``, ``train``, ``mesh``).
+    workdir: run directory (reads ``index/``, writes ``train/`` and ``model/``).
+    dataset: the dataset the index was built for.
+    index: its conflict-free item index.
+    force: run even when ``model/DONE`` exists (training resumes from checkpoints; delete
+      ``<workdir>/train`` to start over).
+  """
+  out_dir = build.model_dir(workdir)
+  done = os.path.join(out_dir, "DONE")
+  if os.path.exists(done) and not force:
+    logging.info("train stage: %s exists, skipping (--force=train to run again)", done)
+    return out_dir
+  mc = config.model
+  model, params, tokenizer = build.build_model(mc, index, config.seed)
+  cfg = model.config
+  logging.info("model: %s, %.1fM params, vocab %d (+%d code tokens)", mc.get("preset", mc.init),
+               cfg.num_params() / 1e6, cfg.vocab_size, len(index.all_tokens()))
+
+  t0 = time.perf_counter()
+  examples = _examples(config, dataset, index)
+  batcher = batching.Batcher(examples, tokenizer, batch_size=config.train.batch_size,
+                             buckets=config.tasks.buckets, add_bos=config.tasks.add_bos,
+                             show_progress=True)
+  valid = batching.Batcher(_valid_examples(config, dataset, index), tokenizer,
+                           batch_size=config.train.batch_size, buckets=config.tasks.buckets,
+                           add_bos=config.tasks.add_bos)
+  logging.info("tasks: %d training examples, %d steps per epoch (%.1fs to build)",
+               len(examples), batcher.steps_per_epoch, time.perf_counter() - t0)
+
+  seed = config.seed
+  pi, pc = jax.process_index(), jax.process_count()
+  train_params, mask, tail = params, None, None
+  lc = mc.get("lora", None)
+  if lc is not None and lc.rank > 0:
+    adapters = lora_lib.init_lora(jax.random.PRNGKey(seed + 1), params, cfg, rank=lc.rank,
+                                  alpha=lc.alpha, targets=tuple(lc.targets))
+    train_params = {"params": params, "lora": adapters}
+    mask = lora_lib.trainable_mask(train_params, train_embeddings_rows=lc.train_embeddings)
+  is_lora = mask is not None
+  callbacks = [evaluate_lib.validation_hook(
+      model, tokenizer, dataset, index, config.eval, config.tasks,
+      params_fn=(lambda s: s.params["params"]) if is_lora else (lambda s: s.params),
+      lora_fn=(lambda s: s.params["lora"]) if is_lora else None)]
+  result = trainer.train(
+      config, workdir, model, train_params,
+      lambda epoch, start: batcher.batches(seed, epoch, start, pi, pc),
+      batcher.steps_per_epoch, trainable_mask=mask,
+      eval_batches=lambda: valid.batches(seed, 0, 0, pi, pc), eval_callbacks=callbacks,
+      tx_tail=tail)
+  if result.stopped_early:
+    logging.warning("train stage: stopped early at step %d (preemption); rerun to resume",
+                    result.step)
+    raise SystemExit(1)
+
+  final = jax.device_get(result.state.params)
+  lora_params = None
+  if isinstance(final, dict) and "lora" in final:
+    final, lora_params = final["params"], final["lora"]
+  if jax.process_index() == 0:
+    export.export_hf(out_dir, final, cfg, lora=lora_params, tokenizer=tokenizer)
+    with open(done, "w") as f:
+      f.write(f"step {result.step}\n")
+  logging.info("train stage: model exported to %s", out_dir)
+  return out_dir
