@@ -42,8 +42,11 @@ def load_tokenizer(mc: ml_collections.ConfigDict) -> LCRecTokenizer:
   return LCRecTokenizer.from_gguf(mc.get("gguf_path", "") or default_gguf_path())
 
 
-def _dtypes(mc) -> dict[str, str]:
-  return {"dtype": mc.get("dtype", "float32"), "param_dtype": mc.get("param_dtype", "float32")}
+def _numerics(mc) -> dict[str, object]:
+  """Model fields the recipe sets whatever the weights: dtypes, layer scan, remat policy."""
+  return {"dtype": mc.get("dtype", "float32"), "param_dtype": mc.get("param_dtype", "float32"),
+          "scan_layers": bool(mc.get("scan_layers", False)),
+          "remat_policy": mc.get("remat_policy", "none")}
 
 
 def build_model(mc: ml_collections.ConfigDict, index: ItemIndex, seed: int
@@ -57,15 +60,15 @@ def build_model(mc: ml_collections.ConfigDict, index: ItemIndex, seed: int
     overrides = dict(mc.get("overrides", {}) or {})
     cfg = config_lib.preset(mc.preset, vocab_size=vocab_size,
                             bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-                            pad_token_id=tokenizer.pad_id, **overrides, **_dtypes(mc))
+                            pad_token_id=tokenizer.pad_id, **overrides, **_numerics(mc))
     params = init_params(cfg, jax.random.PRNGKey(seed))
   elif mc.init == "pretrained":
     if mc.get("hf_dir", ""):
-      cfg = safetensors_io.load_hf_config(mc.hf_dir, **_dtypes(mc))
+      cfg = safetensors_io.load_hf_config(mc.hf_dir, **_numerics(mc))
       params = safetensors_io.load_hf_dir(mc.hf_dir, cfg)
     else:
       state_dict, hf_cfg = gguf_io.load_gguf(mc.get("gguf_path", "") or default_gguf_path())
-      cfg = config_lib.LlamaConfig.from_hf_dict(hf_cfg, **_dtypes(mc))
+      cfg = config_lib.LlamaConfig.from_hf_dict(hf_cfg, **_numerics(mc))
       params = convert.params_from_hf(state_dict, cfg)
     if cfg.vocab_size != base_vocab:
       raise ValueError(f"model has {cfg.vocab_size} vocabulary rows but its tokenizer "

@@ -9,6 +9,8 @@ optimizer memory.
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import flax
@@ -79,11 +81,15 @@ def make_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Sched
   """Learning-rate schedule: linear warmup from 0, then cosine / linear decay / constant.
 
   Args:
-    cfg: the `c.train` section (`lr`, `warmup_steps`, `schedule`, `end_lr_ratio`).
+    cfg: the `c.train` section (`lr`, `warmup_steps` or `warmup_ratio` (a fraction of
+      `num_steps`, LC-Rec's 1%; used when > 0), `schedule`, `end_lr_ratio`).
     num_steps: total optimizer steps of the run (warmup included).
   """
   lr = float(cfg.lr)
-  warmup = int(min(cfg.get("warmup_steps", 0), max(num_steps - 1, 0)))
+  warmup = int(cfg.get("warmup_steps", 0))
+  if float(cfg.get("warmup_ratio", 0.0)) > 0:
+    warmup = int(math.ceil(float(cfg.warmup_ratio) * num_steps))
+  warmup = min(warmup, max(num_steps - 1, 0))
   end = lr * float(cfg.get("end_lr_ratio", 0.0))
   decay_steps = max(num_steps - warmup, 1)
   kind = cfg.get("schedule", "cosine")

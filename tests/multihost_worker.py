@@ -1,0 +1,160 @@
+"""One process of the multi-host test (tests/test_multihost.py launches it).
+
+Modes:
+
+  pair    process `--process_id` of 2, 4 simulated CPU devices each, joined by
+          `jax.distributed.initialize` on localhost (gloo CPU collectives); trains the
+          tiny LLaMA through `lcrec_jax.train.trainer.train`, each process feeding only
+          its own rows of every global batch. Process 0 writes the losses and the final
+          (all-gathered) params to `--out`.
+  single  one process with 8 simulated devices: the same training run on the whole
+          global batch (the reference), then restores the pair's last checkpoint from
+          `--restore_from` into its own 8-device mesh; writes all of it to `--out`.
+
+The device count must be fixed before jax is imported, hence a separate script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _parse() -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__)
+  p.add_argument("--mode", choices=("pair", "single"), required=True)
+  p.add_argument("--process_id", type=int, default=0)
+  p.add_argument("--num_processes", type=int, default=2)
+  p.add_argument("--port", type=int, default=0)
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--out", required=True)
+  p.add_argument("--restore_from", default="")
+  return p.parse_args()
+
+
+ARGS = _parse()
+_LOCAL_DEVICES = 4 if ARGS.mode == "pair" else 8
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={_LOCAL_DEVICES}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+if ARGS.mode == "pair":
+  jax.distributed.initialize(coordinator_address=f"localhost:{ARGS.port}",
+                             num_processes=ARGS.num_processes, process_id=ARGS.process_id,
+                             initialization_timeout=120)
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from lcrec_jax.llm.config import tiny
+from lcrec_jax.llm.model import Llama
+from lcrec_jax.train import checkpoint as ckpt_lib
+from lcrec_jax.train import mesh as mesh_lib
+from lcrec_jax.train import state as state_lib
+from lcrec_jax.train import trainer as trainer_lib
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+VOCAB, GLOBAL_BATCH, SEQ = 256, 8, 16
+STEPS_PER_EPOCH, NUM_STEPS = 3, 4
+MESH = (2, 2, 2)  # data spans the two processes; fsdp and tensor within each.
+
+
+def global_batch(epoch: int, step: int) -> dict[str, np.ndarray]:
+  """The whole `[GLOBAL_BATCH, SEQ]` batch of (epoch, step), the same in every process."""
+  rs = np.random.RandomState(1000 * epoch + step)
+  toks = rs.randint(3, 19, (GLOBAL_BATCH, SEQ)).astype(np.int32)
+  labels = np.full((GLOBAL_BATCH, SEQ), -100, np.int32)
+  labels[:, SEQ // 2:] = toks[:, SEQ // 2:]
+  lengths = rs.randint(SEQ - 4, SEQ + 1, (GLOBAL_BATCH, 1))
+  mask = (np.arange(SEQ)[None] < lengths).astype(np.int32)
+  labels = np.where(mask == 1, labels, -100).astype(np.int32)
+  return dict(tokens=toks, labels=labels, attention_mask=mask,
+              positions=np.tile(np.arange(SEQ, dtype=np.int32), (GLOBAL_BATCH, 1)))
+
+
+def batches(epoch: int, start: int):
+  """This process's rows `[p * B / P, (p + 1) * B / P)` of every global batch."""
+  pc, pi = jax.process_count(), jax.process_index()
+  rows = slice(pi * GLOBAL_BATCH // pc, (pi + 1) * GLOBAL_BATCH // pc)
+  for s in range(start, STEPS_PER_EPOCH):
+    yield {k: v[rows] for k, v in global_batch(epoch, s).items()}
+
+
+def make_config() -> ml_collections.ConfigDict:
+  """Trainer config: 4 steps over epochs of 3, checkpoints every 2 steps, float32."""
+  c = ml_collections.ConfigDict()
+  c.train = trainer_lib.default_train_config()
+  c.train.update(dict(batch_size=GLOBAL_BATCH, num_steps=NUM_STEPS, lr=1e-2, warmup_steps=1,
+                      checkpoint_every=2, keep_checkpoints=3, seed=5, tensorboard=False))
+  c.mesh = mesh_lib.default_mesh_config()
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = MESH
+  return c
+
+
+def model_and_params():
+  """The tiny LLaMA and its params (same PRNG key, so identical in every process)."""
+  model = Llama(tiny(vocab=VOCAB, hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64))
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  return model, jax.device_get(params)
+
+
+def flat(tree, prefix: str) -> dict[str, np.ndarray]:
+  """`{prefix + keypath: numpy array}` of a host tree."""
+  return {prefix + jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def restore_checkpoint(model, params, config, checkpoint_dir: str):
+  """Reads the newest checkpoint under `checkpoint_dir` into this process's mesh."""
+  mesh = mesh_lib.make_mesh(config.mesh)
+  rules = mesh_lib.axis_rules(config.mesh)
+  tx, _ = state_lib.make_optimizer(config.train, NUM_STEPS)
+  boxed = state_lib.abstract_boxed_params(model, np.zeros((1, 8), np.int32))
+  shardings = state_lib.state_shardings(tx, boxed, None, mesh, rules)
+  abstract = state_lib.abstract_state(shardings, boxed, tx, None)
+  tree = {"step": abstract.step, "trainable": abstract.trainable,
+          "opt_state": abstract.opt_state, "rng": abstract.rng}
+  with ckpt_lib.Checkpointer(checkpoint_dir, async_save=False) as ckpt:
+    step = ckpt.latest_step()
+    restored, data = ckpt.restore(tree, step)
+  return step, restored, data
+
+
+def main() -> None:
+  assert jax.local_device_count() == _LOCAL_DEVICES, jax.local_devices()
+  model, params = model_and_params()
+  config = make_config()
+  res = trainer_lib.train(config, ARGS.workdir, model, params, batches, STEPS_PER_EPOCH)
+  out = {
+      "loss": np.asarray([h["loss"] for h in res.history]),
+      "grad_norm": np.asarray([h["grad_norm"] for h in res.history]),
+      "process_count": np.asarray(jax.process_count()),
+      "device_count": np.asarray(jax.device_count()),
+  }
+  final = multihost_utils.process_allgather(res.state.params, tiled=True)
+  out.update(flat(final, "params"))
+  if ARGS.mode == "single" and ARGS.restore_from:
+    step, restored, data = restore_checkpoint(
+        model, params, config, os.path.join(ARGS.restore_from, "train", "checkpoints"))
+    out["restored_step"] = np.asarray(step)
+    out["restored_epoch"] = np.asarray(data["epoch"])
+    out["restored_step_in_epoch"] = np.asarray(data["step_in_epoch"])
+    out.update(flat(jax.device_get(restored["trainable"]), "restored"))
+    shard = restored["trainable"]["lm_head"]["kernel"].addressable_shards[0].data
+    out["restored_shard_rows"] = np.asarray(shard.shape[0])
+  if jax.process_index() == 0:
+    np.savez(ARGS.out, **out)
+  if ARGS.mode == "pair":
+    multihost_utils.sync_global_devices("lcrec_jax multihost test done")
+
+
+if __name__ == "__main__":
+  main()
