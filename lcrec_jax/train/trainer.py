@@ -91,6 +91,7 @@ def default_train_config() -> ml_collections.ConfigDict:
   t.lr = 1e-3
   t.schedule = "cosine"         # cosine | linear | constant (after warmup)
   t.warmup_steps = 10
+  t.warmup_ratio = 0.0          # > 0: warmup = ceil(ratio x num_steps), overrides warmup_steps
   t.end_lr_ratio = 0.0          # final lr = lr * end_lr_ratio
   t.b1 = 0.9
   t.b2 = 0.999
@@ -107,6 +108,7 @@ def default_train_config() -> ml_collections.ConfigDict:
   t.peak_flops_per_device = 0.0 # for MFU; e.g. 197e12 TPU v4 bf16, 989e12 H100 bf16; 0 = no MFU
   t.distributed = False         # call jax.distributed.initialize() (multi-host)
   t.tensorboard = True
+  t.valid_users = 200           # train stage: users in the validation-loss sample; 0 = all
   return t
 
 
