@@ -10,7 +10,6 @@ there with a ``DONE`` marker; a finished stage is skipped unless named in ``--fo
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -116,12 +115,14 @@ def main(argv):
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     f.write(_CONFIG.value.to_json_best_effort(indent=2))
   pipeline = Pipeline(_CONFIG.value, workdir)
-  for name in STAGE_ORDER:
-    if name in stages:
-      t0 = time.perf_counter()
-      logging.info("== stage %s", name)
-      STAGES[name](pipeline, name in force)
-      logging.info("== stage %s finished in %.1fs", name, time.perf_counter() - t0)
+  from lcrec_jax.log_filters import quiet_orbax
+  with quiet_orbax():
+    for name in STAGE_ORDER:
+      if name in stages:
+        t0 = time.perf_counter()
+        logging.info("== stage %s", name)
+        STAGES[name](pipeline, name in force)
+        logging.info("== stage %s finished in %.1fs", name, time.perf_counter() - t0)
 
 
 if __name__ == "__main__":

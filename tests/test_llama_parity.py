@@ -165,7 +165,7 @@ def test_load_errors(tmp_path):
 
 def test_sharded_dir_into_shardings(tmp_path):
   """Sharded files + index json, loaded straight into a device mesh."""
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from jax.sharding import Mesh, PartitionSpec as P
   import flax.linen as nn
   cfg = tiny(vocab=64, scan_layers=True, layers=4)
   params = model_lib.init_params(cfg, jax.random.PRNGKey(2))

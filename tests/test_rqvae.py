@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from lcrec_jax.index import kmeans as km
 from lcrec_jax.index import rqvae as rq

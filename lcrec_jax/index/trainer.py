@@ -22,10 +22,8 @@ smaller), Sinkhorn on during training, collision rate from argmax codes of all i
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import logging as logging_std
 import math
 import os
 import time
@@ -42,6 +40,7 @@ from tqdm import tqdm
 
 from lcrec_jax.index import assign
 from lcrec_jax.index import rqvae
+from lcrec_jax.log_filters import quiet_orbax
 
 # Config fields that may change between a run and its resumption without changing the
 # result.
@@ -213,25 +212,6 @@ def _check_resumable(meta: Mapping[str, Any], cfg: ml_collections.ConfigDict,
   if problems:
     raise ValueError(f"cannot resume from {where}: " + "; ".join(problems)
                      + ". Use another --workdir or delete that directory to retrain.")
-
-
-class _DropOrbaxInfo(logging_std.Filter):
-  """Drops orbax's per-save INFO chatter (dozens of lines per checkpoint)."""
-
-  def filter(self, record: logging_std.LogRecord) -> bool:
-    return record.levelno > logging_std.INFO or "orbax" not in record.pathname
-
-
-@contextlib.contextmanager
-def quiet_orbax():
-  """Within the block, orbax logs only warnings and errors."""
-  filt = _DropOrbaxInfo()
-  logger = logging_std.getLogger("absl")
-  logger.addFilter(filt)
-  try:
-    yield
-  finally:
-    logger.removeFilter(filt)
 
 
 def train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir: str, *,
