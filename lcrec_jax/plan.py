@@ -156,23 +156,6 @@ def _global_bytes(tree: Any) -> int:
   return int(sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
-def _jitted(step_fn: Any) -> Any:
-  """The `jax.jit` object inside `make_train_step`'s context wrapper (it has `.lower`).
-
-  `make_train_step` returns a plain function that enters the mesh and axis-rules
-  contexts and calls its jitted step; `jax.set_mesh` refuses to run under an outer
-  `jax.jit`, so the planner lowers that inner jitted step itself, in the same contexts.
-  """
-  if hasattr(step_fn, "lower"):
-    return step_fn
-  for cell in getattr(step_fn, "__closure__", None) or ():
-    obj = cell.cell_contents
-    if hasattr(obj, "lower") and callable(obj):
-      return obj
-  raise TypeError("plan: make_train_step's result holds no jitted function to lower; "
-                  "lcrec_jax/train/step.py's _with_context changed")
-
-
 def plan_train_step(config: ml_collections.ConfigDict, mesh_shape: Mapping[str, int], *,
                     seq_len: int, global_batch: int | None = None,
                     grad_accum_steps: int | None = None, target_mfu: float = 0.4,
@@ -242,7 +225,7 @@ def plan_train_step(config: ml_collections.ConfigDict, mesh_shape: Mapping[str, 
       grad_accum_steps=accum, max_label_tokens=int(tc.get("max_label_tokens", 0)),
       compute_dtype=compute_dtype)
   with nn.logical_axis_rules(rules), jax.set_mesh(mesh):
-    lowered = _jitted(step_fn).lower(abstract, batch)
+    lowered = step_fn.jitted.lower(abstract, batch)
   compiled = lowered.compile()
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()

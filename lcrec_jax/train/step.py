@@ -249,6 +249,7 @@ def _with_context(fn: Callable, mesh: Mesh | None, rules: mesh_lib.LogicalRules)
       with jax.set_mesh(mesh):
         return fn(*args)
 
+  wrapped.jitted = fn  # the jax.jit object, for lowering without running (lcrec_jax.plan)
   return wrapped
 
 

