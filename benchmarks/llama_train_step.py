@@ -20,6 +20,7 @@ the ratio ours / torch (> 1 means ours is faster).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -39,6 +40,8 @@ def _parse() -> argparse.Namespace:
   p.add_argument("--rank", type=int, default=8)
   p.add_argument("--layers", type=int, default=30, help="decoder layers (30 = SmolLM2-135M)")
   p.add_argument("--remat", default="none", help="our remat policy (none, full, dots, ...)")
+  p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=False,
+                 help="nn.scan over layers (default off: unrolled layers run faster on CPU)")
   p.add_argument("--steps", type=int, default=2, help="timed steps per block per side")
   p.add_argument("--blocks", type=int, default=2, help="alternating timing blocks")
   p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -116,7 +119,7 @@ def _jax_setup(cfg, params, mode):
   if mode == "full":
     state = opt.init(params)
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(0, 1))  # update in place, as torch does
     def step(params, state, toks):
       loss, g = jax.value_and_grad(lambda p: _loss(model.apply({"params": p}, toks)[0], toks))(
           params)
@@ -135,7 +138,7 @@ def _jax_setup(cfg, params, mode):
                           alpha=2.0 * ARGS.rank, targets=TARGETS)
   state = opt.init(lo)
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=(1, 2))
   def lstep(params, lo, state, toks):
     f = lambda l: _loss(model.apply({"params": params}, toks, lora=l)[0], toks)
     loss, g = jax.value_and_grad(f)(lo)
@@ -151,7 +154,7 @@ def _jax_setup(cfg, params, mode):
 
 
 def main() -> None:
-  cfg = config_lib.smollm2_135m(num_hidden_layers=ARGS.layers, scan_layers=True,
+  cfg = config_lib.smollm2_135m(num_hidden_layers=ARGS.layers, scan_layers=ARGS.scan,
                                 remat_policy=ARGS.remat)
   hf_cfg = dict(cfg.to_hf_dict())
   for k in ("architectures", "model_type", "torch_dtype", "dtype"):
@@ -161,7 +164,7 @@ def main() -> None:
   ntok = toks.size
   print(f"SmolLM2-135M architecture, {cfg.num_hidden_layers} layers, float32, batch "
         f"{ARGS.batch} x {ARGS.length} tokens, threads={ARGS.threads}, clock={ARGS.clock}, "
-        f"remat={ARGS.remat}, jax {jax.__version__}, torch {torch.__version__}")
+        f"remat={ARGS.remat}, scan={ARGS.scan}, jax {jax.__version__}, torch {torch.__version__}")
   print(f"{'mode':>5} {'trainable':>10} {'ours tok/s':>10} {'torch tok/s':>11} "
         f"{'ours/torch':>10} {'compile s':>9} {'loss ours':>9} {'loss torch':>10}")
   for mode in ARGS.modes.split(","):
