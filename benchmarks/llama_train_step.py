@@ -40,6 +40,14 @@ def _parse() -> argparse.Namespace:
   p.add_argument("--rank", type=int, default=8)
   p.add_argument("--layers", type=int, default=30, help="decoder layers (30 = SmolLM2-135M)")
   p.add_argument("--remat", default="none", help="our remat policy (none, full, dots, ...)")
+  p.add_argument("--model", choices=("smollm2", "quick"), default="smollm2",
+                 help="smollm2: SmolLM2-135M; quick: configs/ml100k_quick.py's model "
+                      "(2 layers, width 128, 4/2 heads, vocab 50,176 + 1,024 codes)")
+  p.add_argument("--label_tokens", type=int, default=0,
+                 help="> 0: loss only on each row's last N tokens (a response), as in "
+                      "LC-Rec tuning; ours then runs the trainer's loss "
+                      "(lcrec_jax.train.step.label_loss_sums: logits only at label "
+                      "positions), torch gets labels=-100 elsewhere")
   p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=False,
                  help="nn.scan over layers (default off: unrolled layers run faster on CPU)")
   p.add_argument("--steps", type=int, default=2, help="timed steps per block per side")
@@ -97,8 +105,8 @@ def _torch_setup(tm, mode):
   trainable = [p for p in tm.parameters() if p.requires_grad]
   opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.0)
 
-  def step(tt):
-    out = tm(input_ids=tt, labels=tt)
+  def step(tt, lt):
+    out = tm(input_ids=tt, labels=lt)
     out.loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -107,10 +115,37 @@ def _torch_setup(tm, mode):
   return step, sum(p.numel() for p in trainable)
 
 
-def _loss(logits, toks):
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
-  tgt = toks[:, 1:]
-  return -jnp.mean(jnp.take_along_axis(logp, tgt[..., None], -1))
+def _labels(toks: np.ndarray) -> np.ndarray:
+  """HF-style labels: the tokens themselves, -100 except the last --label_tokens."""
+  labels = toks.copy()
+  if ARGS.label_tokens > 0:
+    labels[:, : toks.shape[1] - ARGS.label_tokens] = -100
+  return labels
+
+
+def _loss_fn(model):
+  """Loss of `params` (or `{"params", "lora"}`) on `(tokens, labels)`."""
+  if ARGS.label_tokens > 0:
+    from lcrec_jax.train import step as step_lib
+
+    def loss(p, toks, labels):
+      b, t = toks.shape
+      batch = {"tokens": toks, "labels": labels,
+               "attention_mask": jnp.ones_like(toks),
+               "positions": jnp.broadcast_to(jnp.arange(t), (b, t))}
+      total, (count, _) = step_lib.label_loss_sums(p, model, batch, ARGS.label_tokens)
+      return total / count
+    return loss
+
+  def loss(p, toks, labels):
+    del labels
+    if isinstance(p, dict) and "lora" in p:
+      logits = model.apply({"params": p["params"]}, toks, lora=p["lora"])[0]
+    else:
+      logits = model.apply({"params": p}, toks)[0]
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
+    return -jnp.mean(jnp.take_along_axis(logp, toks[:, 1:, None], -1))
+  return loss
 
 
 def _jax_setup(cfg, params, mode):
@@ -119,18 +154,19 @@ def _jax_setup(cfg, params, mode):
   if mode == "full":
     state = opt.init(params)
 
+    loss_fn = _loss_fn(model)
+
     @functools.partial(jax.jit, donate_argnums=(0, 1))  # update in place, as torch does
-    def step(params, state, toks):
-      loss, g = jax.value_and_grad(lambda p: _loss(model.apply({"params": p}, toks)[0], toks))(
-          params)
+    def step(params, state, toks, labels):
+      loss, g = jax.value_and_grad(loss_fn)(params, toks, labels)
       upd, state = opt.update(g, state, params)
       return optax.apply_updates(params, upd), state, loss
 
     n = sum(x.size for x in jax.tree.leaves(params))
     holder = {"p": params, "s": state}
 
-    def run(toks):
-      holder["p"], holder["s"], loss = step(holder["p"], holder["s"], toks)
+    def run(toks, labels):
+      holder["p"], holder["s"], loss = step(holder["p"], holder["s"], toks, labels)
       return loss
     return run, n
 
@@ -138,33 +174,41 @@ def _jax_setup(cfg, params, mode):
                           alpha=2.0 * ARGS.rank, targets=TARGETS)
   state = opt.init(lo)
 
+  loss_fn = _loss_fn(model)
+
   @functools.partial(jax.jit, donate_argnums=(1, 2))
-  def lstep(params, lo, state, toks):
-    f = lambda l: _loss(model.apply({"params": params}, toks, lora=l)[0], toks)
+  def lstep(params, lo, state, toks, labels):
+    f = lambda l: loss_fn({"params": params, "lora": l}, toks, labels)
     loss, g = jax.value_and_grad(f)(lo)
     upd, state = opt.update(g, state, lo)
     return optax.apply_updates(lo, upd), state, loss
 
   holder = {"l": lo, "s": state}
 
-  def lrun(toks):
-    holder["l"], holder["s"], loss = lstep(params, holder["l"], holder["s"], toks)
+  def lrun(toks, labels):
+    holder["l"], holder["s"], loss = lstep(params, holder["l"], holder["s"], toks, labels)
     return loss
   return lrun, sum(x.size for x in jax.tree.leaves(lo))
 
 
 def main() -> None:
-  cfg = config_lib.smollm2_135m(num_hidden_layers=ARGS.layers, scan_layers=ARGS.scan,
-                                remat_policy=ARGS.remat)
+  if ARGS.model == "quick":
+    cfg = config_lib.tiny(vocab=50176 + 1024, hidden=128, layers=2, heads=4, kv_heads=2,
+                          intermediate=384, scan_layers=ARGS.scan,
+                          remat_policy=ARGS.remat)
+  else:
+    cfg = config_lib.smollm2_135m(num_hidden_layers=ARGS.layers, scan_layers=ARGS.scan,
+                                  remat_policy=ARGS.remat)
   hf_cfg = dict(cfg.to_hf_dict())
   for k in ("architectures", "model_type", "torch_dtype", "dtype"):
     hf_cfg.pop(k, None)
   toks = np.random.default_rng(0).integers(0, cfg.vocab_size,
                                            (ARGS.batch, ARGS.length)).astype(np.int32)
   ntok = toks.size
-  print(f"SmolLM2-135M architecture, {cfg.num_hidden_layers} layers, float32, batch "
+  name = "SmolLM2-135M architecture" if ARGS.model == "smollm2" else "quick-recipe model"
+  print(f"{name}, {cfg.num_hidden_layers} layers, float32, batch "
         f"{ARGS.batch} x {ARGS.length} tokens, threads={ARGS.threads}, clock={ARGS.clock}, "
-        f"remat={ARGS.remat}, scan={ARGS.scan}, jax {jax.__version__}, torch {torch.__version__}")
+        f"remat={ARGS.remat}, scan={ARGS.scan}, label_tokens={ARGS.label_tokens or 'all'}, jax {jax.__version__}, torch {torch.__version__}")
   print(f"{'mode':>5} {'trainable':>10} {'ours tok/s':>10} {'torch tok/s':>11} "
         f"{'ours/torch':>10} {'compile s':>9} {'loss ours':>9} {'loss torch':>10}")
   for mode in ARGS.modes.split(","):
@@ -176,20 +220,22 @@ def main() -> None:
     del sd
     run_j, n_j = _jax_setup(cfg, params, mode)
     run_t, n_t = _torch_setup(tm, mode)
+    labels = _labels(toks)
     jt, tt = jnp.asarray(toks), torch.tensor(toks, dtype=torch.long)
+    jl, tl = jnp.asarray(labels), torch.tensor(labels, dtype=torch.long)
     t0 = time.perf_counter()
-    loss_j = float(run_j(jt))
+    loss_j = float(run_j(jt, jl))
     compile_s = time.perf_counter() - t0
-    loss_t = run_t(tt)
+    loss_t = run_t(tt, tl)
     tj, tts = [], []
     for _ in range(ARGS.blocks):
       for _ in range(ARGS.steps):
         t0 = _clock()
-        jax.block_until_ready(run_j(jt))
+        jax.block_until_ready(run_j(jt, jl))
         tj.append(_clock() - t0)
       for _ in range(ARGS.steps):
         t0 = _clock()
-        run_t(tt)
+        run_t(tt, tl)
         tts.append(_clock() - t0)
     rj, rt = ntok / statistics.median(tj), ntok / statistics.median(tts)
     assert n_j == n_t, (n_j, n_t)
