@@ -9,11 +9,21 @@ tasks, 3 epochs. Full fine-tune by default; LoRA with --config.model.lora.rank=1
       --config.model.lora.rank=16 --config.train.lr=5e-4
 """
 
-from configs import ml100k_quick
+import importlib.util
+import os
+
+
+def _quick():
+  """configs/ml100k_quick.py, loaded by path so any working directory works."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ml100k_quick.py")
+  spec = importlib.util.spec_from_file_location("_ml100k_quick", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def get_config():
-  c = ml100k_quick.get_config()
+  c = _quick().get_config()
   c.model.init = "pretrained"         # SmolLM2-135M-Instruct GGUF, code rows added
   c.model.dtype = "bfloat16"          # compute dtype; float32 master weights
   c.train.compute_dtype = "bfloat16"
