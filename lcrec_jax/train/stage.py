@@ -62,7 +62,9 @@ def run_train_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
   mc = config.model
   model, params, tokenizer = build.build_model(mc, index, config.seed)
   cfg = model.config
-  logging.info("model: %s, %.1fM params, vocab %d (+%d code tokens)", mc.get("preset", mc.init),
+  source = (f"random {mc.preset}" if mc.init == "random"
+            else f"pretrained {mc.get('hf_dir', '') or mc.get('gguf_path', '') or 'SmolLM2-135M'}")
+  logging.info("model: %s, %.1fM params, vocab %d (incl. %d code tokens)", source,
                cfg.num_params() / 1e6, cfg.vocab_size, len(index.all_tokens()))
 
   t0 = time.perf_counter()
