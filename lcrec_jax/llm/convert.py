@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from lcrec_jax.llm.config import LlamaConfig
+from lcrec_jax.llm.tree_paths import get_path, set_path
 
 # HF per-layer key suffix -> (path inside a decoder layer, layout kind).
 _LAYER_KEYS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -154,20 +155,6 @@ def check_shape(t: HFTensor, shape: tuple[int, ...], where: str = "state dict") 
                      f"{t.hf_shape}")
 
 
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-  for p in path[:-1]:
-    tree = tree.setdefault(p, {})
-  tree[path[-1]] = value
-
-
-def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
-  for p in path:
-    if p not in tree:
-      raise KeyError(f"params lack {'/'.join(path)}")
-    tree = tree[p]
-  return tree
-
-
 def params_from_hf(state_dict: Mapping[str, Any], cfg: LlamaConfig,
                    dtype: Any = None,
                    to_array: Callable[[np.ndarray, tuple[str, ...]], Any] | None = None
@@ -203,12 +190,12 @@ def params_from_hf(state_dict: Mapping[str, Any], cfg: LlamaConfig,
     check_shape(t, w.shape)
     w = hf_to_param_layout(w, t.kind, cfg).astype(dtype)
     if t.layer is None:
-      _set(params, t.path, to_array(w, t.path) if to_array else w)
+      set_path(params, t.path, to_array(w, t.path) if to_array else w)
     else:
       stacked.setdefault(t.path, [None] * cfg.num_hidden_layers)[t.layer] = w
   for path, ws in stacked.items():
     w = np.stack(ws)
-    _set(params, path, to_array(w, path) if to_array else w)
+    set_path(params, path, to_array(w, path) if to_array else w)
   return params
 
 
@@ -221,7 +208,7 @@ def iter_hf_from_params(params: Mapping[str, Any], cfg: LlamaConfig, dtype: Any 
   for t in hf_param_table(cfg).values():
     by_path.setdefault(t.path, []).append(t)
   for path, ts in by_path.items():
-    leaf = _get(params, path)
+    leaf = get_path(params, path)
     leaf = getattr(leaf, "value", leaf)  # nn.LogicallyPartitioned box
     w_all = np.asarray(leaf)
     expect = param_shape(ts[0], cfg)

@@ -27,6 +27,7 @@ import optax
 from flax import struct
 
 from lcrec_jax.llm.config import LlamaConfig
+from lcrec_jax.llm.tree_paths import get_path, set_path
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _IN_DIMS = {"o_proj": 2}  # contracted input dims of each kernel (others: 1)
@@ -50,18 +51,6 @@ def _walk(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()):
     if isinstance(v, Mapping):
       yield prefix + (k,), v
       yield from _walk(v, prefix + (k,))
-
-
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-  for p in path[:-1]:
-    tree = tree.setdefault(p, {})
-  tree[path[-1]] = value
-
-
-def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
-  for p in path:
-    tree = tree[p]
-  return tree
 
 
 def _unbox(x):
@@ -112,7 +101,7 @@ def init_lora(key: jax.Array, params: Mapping[str, Any], cfg: LlamaConfig, rank:
     bound = 1.0 / math.sqrt(math.prod(in_shape))
     a = rng.uniform(-bound, bound, lead_shape + in_shape + (rank,)).astype(np.float32)
     b = np.zeros(lead_shape + (rank,) + out_shape, np.float32)
-    _set(adapters, path, {"lora_a": jnp.asarray(a, dtype), "lora_b": jnp.asarray(b, dtype)})
+    set_path(adapters, path, {"lora_a": jnp.asarray(a, dtype), "lora_b": jnp.asarray(b, dtype)})
     found.add(path[-1])
   missing = [t for t in targets if t not in found]
   if missing:
@@ -146,12 +135,12 @@ def _apply(params: Mapping[str, Any], lora: LoraParams, sign: float) -> dict[str
       continue
     kpath = path + ("kernel",)
     try:
-      w = _unbox(_get(out, kpath))
+      w = _unbox(get_path(out, kpath))
     except KeyError as e:
       raise KeyError(f"lora adapter {'/'.join(path)} has no kernel in params") from e
     d = lora_delta(sub["lora_a"], sub["lora_b"], w.shape, lora.scale)
     new = (w.astype(jnp.float32) + sign * d).astype(w.dtype)
-    _set(out, kpath, new)
+    set_path(out, kpath, new)
   return out
 
 

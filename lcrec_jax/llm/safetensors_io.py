@@ -20,6 +20,7 @@ from safetensors.numpy import save_file
 
 from lcrec_jax.llm import convert
 from lcrec_jax.llm.config import LlamaConfig
+from lcrec_jax.llm.tree_paths import set_path
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -106,12 +107,6 @@ def _tree_get(tree: Any, path: tuple[str, ...]) -> Any:
   return tree
 
 
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-  for p in path[:-1]:
-    tree = tree.setdefault(p, {})
-  tree[path[-1]] = value
-
-
 def load_hf_dir(model_dir: str, cfg: LlamaConfig | None = None, *,
                 shardings: Any = None, dtype: Any = None,
                 **cfg_overrides) -> tuple[dict[str, Any], LlamaConfig]:
@@ -164,7 +159,7 @@ def load_hf_dir(model_dir: str, cfg: LlamaConfig | None = None, *,
             layers = range(len(ts))[index[0]]
             return np.stack([read(ts[i])[tuple(index[1:])] for i in layers])
           arr = jax.make_array_from_callback(shape, sharding, cb)
-      _set(params, path, arr)
+      set_path(params, path, arr)
   finally:
     reader.close()
   return params, cfg
