@@ -6,17 +6,22 @@
 
 Each stage reads what earlier stages wrote in ``--workdir`` and writes its own outputs
 there with a ``DONE`` marker; a finished stage is skipped unless named in ``--force``.
+``--workdir`` may be a local directory or ``gs://bucket/path`` (every file goes through
+:mod:`lcrec_jax.fs`; process 0 writes the shared files). absl cannot write its log file
+to ``gs://``: for a bucket workdir the log goes to a local temporary directory and is
+copied to ``<workdir>/logs/`` when the run ends.
 """
 
 from __future__ import annotations
 
-import os
-import sys
+import tempfile
 import time
 from typing import Callable
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from lcrec_jax import fs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file with get_config().",
                                           lock_config=True)
@@ -52,7 +57,7 @@ class Pipeline:
       from lcrec_jax.encoders.item_embeddings import item_embeddings
       t0 = time.perf_counter()
       self._embeddings = item_embeddings(self.config.embed, self.dataset.item_texts(),
-                                         cache_dir=os.path.join(self.workdir, "cache"))
+                                         cache_dir=fs.join(self.workdir, "cache"))
       logging.info("item embeddings %s in %.1fs", self._embeddings.shape,
                    time.perf_counter() - t0)
     return self._embeddings
@@ -61,7 +66,7 @@ class Pipeline:
   def index(self):
     if self._index is None:
       from lcrec_jax.index.stage import index_paths, load_index
-      if not os.path.exists(index_paths(self.workdir)["done"]):
+      if not fs.exists(index_paths(self.workdir)["done"]):
         raise app.UsageError(f"{self.workdir}/index is not finished; run --stages=index first")
       self._index = load_index(self.workdir, self.dataset)
     return self._index
@@ -109,20 +114,43 @@ def main(argv):
   stages, force = list(_STAGES.value), list(_FORCE.value)
   _check_flags(stages, force)
   workdir = _WORKDIR.value
-  os.makedirs(workdir, exist_ok=True)
-  logging.get_absl_handler().use_absl_log_file("main", workdir)
-  logging.get_absl_handler().python_handler.stream = sys.stderr
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(_CONFIG.value.to_json_best_effort(indent=2))
+  # Multi-host: join the other processes before anything touches JAX (fs.is_primary
+  # below, the index stage's kernels); train.distributed or LCREC_DISTRIBUTED=1.
+  from lcrec_jax.train.mesh import maybe_initialize_distributed
+  maybe_initialize_distributed(bool(_CONFIG.value.train.get("distributed", False)) or None)
+  fs.check_backend(workdir)
+  fs.makedirs(workdir)
+  # absl writes its log file with local file calls: a gs:// workdir gets a local log
+  # directory, copied to <workdir>/logs/ at the end.
+  log_dir = tempfile.mkdtemp(prefix="lcrec-log-") if fs.is_remote(workdir) else workdir
+  logging.get_absl_handler().use_absl_log_file("main", log_dir)
+  flags.FLAGS.alsologtostderr = True  # the log file and stderr
+  if log_dir != workdir:
+    logging.info("log file in %s (absl cannot write to %s); copied to %s at the end",
+                 log_dir, workdir, fs.join(workdir, "logs"))
+  fs.write_text(fs.join(workdir, "config.json"), _CONFIG.value.to_json_best_effort(indent=2))
   pipeline = Pipeline(_CONFIG.value, workdir)
   from lcrec_jax.log_filters import quiet_orbax
-  with quiet_orbax():
-    for name in STAGE_ORDER:
-      if name in stages:
-        t0 = time.perf_counter()
-        logging.info("== stage %s", name)
-        STAGES[name](pipeline, name in force)
-        logging.info("== stage %s finished in %.1fs", name, time.perf_counter() - t0)
+  try:
+    with quiet_orbax():
+      for name in STAGE_ORDER:
+        if name in stages:
+          t0 = time.perf_counter()
+          logging.info("== stage %s", name)
+          STAGES[name](pipeline, name in force)
+          logging.info("== stage %s finished in %.1fs", name, time.perf_counter() - t0)
+  finally:
+    if log_dir != workdir:
+      _copy_logs(log_dir, fs.join(workdir, "logs"))
+
+
+def _copy_logs(log_dir: str, dest: str) -> None:
+  """Copies this process's absl log files (not the ``main.*`` symlinks) to ``dest``."""
+  logging.flush()
+  try:  # file names carry host and pid, so every process copies its own
+    fs.upload_local_files(log_dir, dest, all_processes=True)
+  except OSError as e:
+    logging.warning("could not copy the log files of %s to %s: %s", log_dir, dest, e)
 
 
 if __name__ == "__main__":

@@ -25,13 +25,13 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import os
 import sys
 from typing import Any, NamedTuple, Sequence
 
 from absl import app, flags
 import ml_collections
 
+from lcrec_jax import fs
 from lcrec_jax.data.dataset import Dataset, Item
 from lcrec_jax.index.item_index import ItemIndex
 
@@ -56,11 +56,11 @@ class FinishedRun(NamedTuple):
 
 
 def run_paths(workdir: str) -> dict[str, str]:
-  """Files of a finished run that recommend reads."""
-  return {"config": os.path.join(workdir, "config.json"),
-          "model": os.path.join(workdir, "model"),
-          "model_done": os.path.join(workdir, "model", "DONE"),
-          "index_done": os.path.join(workdir, "index", "DONE")}
+  """Files of a finished run that recommend reads (local or ``gs://``)."""
+  return {"config": fs.join(workdir, "config.json"),
+          "model": fs.join(workdir, "model"),
+          "model_done": fs.join(workdir, "model", "DONE"),
+          "index_done": fs.join(workdir, "index", "DONE")}
 
 
 def load_finished_run(workdir: str) -> FinishedRun:
@@ -71,15 +71,14 @@ def load_finished_run(workdir: str) -> FinishedRun:
       finished (names the missing file and the command that makes it).
   """
   paths = run_paths(workdir)
-  if not os.path.isdir(workdir):
+  if not fs.isdir(workdir):
     raise RecommendError(f"--workdir={workdir}: no such directory")
-  if not os.path.isfile(paths["config"]):
+  if not fs.isfile(paths["config"]):
     raise RecommendError(f"{paths['config']} not found: {workdir} is not a run directory "
                          "(run python -m lcrec_jax.main --config=... --workdir=... first)")
-  with open(paths["config"], encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(fs.read_json(paths["config"]))
   for key, what in (("index_done", "index"), ("model_done", "model")):
-    if not os.path.isfile(paths[key]):
+    if not fs.isfile(paths[key]):
       raise RecommendError(
           f"{paths[key]} not found: {workdir} has no finished {what}; run "
           f"python -m lcrec_jax.main --config=<recipe> --workdir={workdir} to finish it")
@@ -92,8 +91,9 @@ def load_finished_run(workdir: str) -> FinishedRun:
 
   dataset = load_dataset(config.data)
   index = load_index(workdir, dataset)
-  params, model_cfg = safetensors_io.load_hf_dir(paths["model"])
-  tokenizer = LCRecTokenizer.from_dir(paths["model"])
+  with fs.local_copy(paths["model"]) as local:  # gs://: downloaded to a temp dir
+    params, model_cfg = safetensors_io.load_hf_dir(local)
+    tokenizer = LCRecTokenizer.from_dir(local)
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise RecommendError(f"{paths['model']}: tokenizer has {tokenizer.vocab_size} tokens but "
                          f"the model only {model_cfg.vocab_size} embedding rows")

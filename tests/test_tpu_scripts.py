@@ -248,6 +248,7 @@ def test_install_tarball_commands_and_tar_contents(capsys, tmp_path):
   assert f"{pip} 'jax[tpu]==9.8.7'" in statements  # the pin of the tree being installed
   assert statements.index(f"{pip} -r requirements.txt") < statements.index(
       f"{pip} 'jax[tpu]==9.8.7'")
+  assert f"{pip} gcsfs" in statements  # gs:// workdirs (lcrec_jax/fs.py)
   assert 'tar -xzf "$HOME"/lcrec-jax.tar.gz -C "$HOME"/lcrec-jax' in statements
   assert subprocess.run(["bash", "-n", "-c", script], timeout=30).returncode == 0
 

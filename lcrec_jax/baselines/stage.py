@@ -10,32 +10,22 @@ generative model's beams are not masked, so compare it with the unmasked rows.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import ml_collections
 from absl import logging
 
+from lcrec_jax import fs
 from lcrec_jax.baselines import popularity, sasrec
 from lcrec_jax.data.dataset import Dataset
 
 
-def _atomic_json(path: str, obj) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
-
-
 def run_baseline_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Dataset,
                        force: bool = False) -> dict:
-  path = os.path.join(workdir, "baselines", "results.json")
-  if os.path.exists(path) and not force:
+  path = fs.join(workdir, "baselines", "results.json")
+  if fs.exists(path) and not force:
     logging.info("baseline stage: %s exists, skipping", path)
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return fs.read_json(path)
   out = {"popularity": {
       "unmasked": popularity.evaluate_popularity(dataset, exclude_seen=False),
       "masked": popularity.evaluate_popularity(dataset, exclude_seen=True)}}
@@ -45,7 +35,8 @@ def run_baseline_stage(config: ml_collections.ConfigDict, workdir: str, dataset:
   out["sasrec"] = sasrec.train_and_evaluate(dataset, sasrec.SASRecConfig(**fields),
                                             seed=config.seed)
   out["sasrec"]["seconds"] = time.perf_counter() - t0
-  _atomic_json(path, out)
+  fs.write_json(path, out, indent=2)  # atomic; process 0 only (local or gs://)
+  fs.barrier("baseline_stage_written")
   for name, res in (("popularity", out["popularity"]["unmasked"]),
                     ("popularity (seen masked)", out["popularity"]["masked"]),
                     ("sasrec", out["sasrec"])):

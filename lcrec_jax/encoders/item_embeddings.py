@@ -4,7 +4,7 @@
 
 * ``encoder = "minilm"``: :class:`lcrec_jax.encoders.minilm.MiniLMEncoder` on
   ``model_dir`` ("" = the wheel), with ``batch_size`` and ``max_length``. Results are
-  cached under ``cache_dir`` by a hash of the texts, the model files' contents and
+  cached under ``cache_dir`` (local or ``gs://``; process 0 writes it) by a hash of the texts, the model files' contents and
   ``max_length`` (batch size does not change the result, so it is not in the key).
 * ``encoder = "npy"``: LC-Rec style precomputed ``[num_items, dim]`` array at
   ``npy_path``, rows in item order; no cache.
@@ -15,11 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from typing import Any, Sequence
 
 import numpy as np
+
+from lcrec_jax import fs
 
 ENCODERS = ("minilm", "npy")
 CACHE_VERSION = 1  # bump when the embedding recipe changes
@@ -49,20 +49,11 @@ def cache_key(texts: Sequence[str], model_fingerprint: str, max_length: int,
 
 
 def save_atomic(path: str, array: np.ndarray) -> None:
-  """Writes ``array`` as .npy to ``path`` via a temp file in the same dir and a rename."""
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=d)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.save(f, array)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """Writes ``array`` as .npy to ``path`` via a temp file in the same dir and a rename.
+
+  Local or ``gs://`` (:func:`lcrec_jax.fs.save_npy`); only process 0 writes.
+  """
+  fs.save_npy(path, array)
 
 
 def load_npy_embeddings(path: str, num_items: int) -> np.ndarray:
@@ -74,10 +65,10 @@ def load_npy_embeddings(path: str, num_items: int) -> np.ndarray:
   """
   if not path:
     raise ValueError("embed.encoder='npy' needs embed.npy_path")
-  if not os.path.isfile(path):
+  if not fs.isfile(path):  # local or gs://
     raise FileNotFoundError(f"embed.npy_path: no file {path}")
   try:
-    arr = np.load(path, allow_pickle=False)
+    arr = fs.load_npy(path)
   except ValueError as e:
     raise ValueError(f"embed.npy_path {path}: not a plain .npy array ({e})") from e
   if arr.ndim != 2:
@@ -122,10 +113,10 @@ def item_embeddings(cfg: Any, texts: Sequence[str], cache_dir: str | None = None
   path = None
   if cache_dir is not None:
     key = cache_key(texts, minilm.model_fingerprint(model_dir), max_length, encoder)
-    path = os.path.join(cache_dir, f"item_emb_{encoder}_{key[:24]}.npy")
-    if os.path.isfile(path):
+    path = fs.join(cache_dir, f"item_emb_{encoder}_{key[:24]}.npy")
+    if fs.isfile(path):
       try:
-        arr = np.load(path, allow_pickle=False)
+        arr = fs.load_npy(path)
       except (OSError, ValueError, EOFError) as e:
         arr = None
         logging.warning("item embeddings: unreadable cache file %s (%s); recomputing", path, e)

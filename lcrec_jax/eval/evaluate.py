@@ -32,8 +32,6 @@ Results layout (json-ready)::
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -42,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from lcrec_jax import fs
 from lcrec_jax.data.dataset import Dataset
 from lcrec_jax.decode.beam_search import codes_to_items, constrained_beam_search
 from lcrec_jax.decode.trie import Trie, build_trie, position_mask
@@ -53,7 +52,7 @@ from lcrec_jax.tasks.builders import num_templates, seqrec_eval_examples
 
 MODES = ("trie", "position")
 SPLITS = ("valid", "test")
-RESULTS_FILE = os.path.join("eval", "results.json")
+RESULTS_FILE = "eval/results.json"
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -361,18 +360,17 @@ def validation_hook(model: Llama, tokenizer: Any, dataset: Dataset, index: ItemI
 
 
 def results_path(workdir: str) -> str:
-  """``<workdir>/eval/results.json``."""
-  return os.path.join(workdir, RESULTS_FILE)
+  """``<workdir>/eval/results.json`` (local or ``gs://``)."""
+  return fs.join(workdir, *RESULTS_FILE.split("/"))
 
 
 def write_results(results: Mapping[str, Any], workdir: str) -> str:
-  """Writes ``<workdir>/eval/results.json`` atomically (temp file + rename); returns the path."""
+  """Writes ``<workdir>/eval/results.json`` atomically (temp file + rename); returns the path.
+
+  Local or ``gs://`` (:mod:`lcrec_jax.fs`); only process 0 writes.
+  """
   path = results_path(workdir)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=2, sort_keys=False)
-  os.replace(tmp, path)
+  fs.write_json(path, results, indent=2, sort_keys=False)
   return path
 
 
@@ -380,7 +378,6 @@ def load_results(workdir: str) -> dict[str, Any]:
   """Reads what :func:`write_results` wrote."""
   path = results_path(workdir)
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return fs.read_json(path)
   except FileNotFoundError:
     raise FileNotFoundError(f"{path}: no evaluation results (run the eval stage)") from None

@@ -8,12 +8,10 @@ the baselines of ``<workdir>/baselines/results.json`` when that stage has run.
 
 from __future__ import annotations
 
-import json
-import os
-
 import ml_collections
 from absl import logging
 
+from lcrec_jax import fs
 from lcrec_jax.data.dataset import Dataset
 from lcrec_jax.eval import evaluate as evaluate_lib
 from lcrec_jax.eval import report
@@ -24,11 +22,10 @@ from lcrec_jax.llm.tokenizer import LCRecTokenizer
 
 
 def _baseline_lines(workdir: str) -> list[str]:
-  path = os.path.join(workdir, "baselines", "results.json")
-  if not os.path.exists(path):
+  path = fs.join(workdir, "baselines", "results.json")
+  if not fs.exists(path):
     return []
-  with open(path, encoding="utf-8") as f:
-    b = json.load(f)
+  b = fs.read_json(path)
   rows = [("popularity", b["popularity"]["unmasked"]["test"])]
   if "sasrec" in b:
     rows.append(("SASRec", b["sasrec"]["test"]))
@@ -39,19 +36,21 @@ def _baseline_lines(workdir: str) -> list[str]:
 def run_eval_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Dataset,
                    index: ItemIndex, force: bool = False) -> dict:
   path = evaluate_lib.results_path(workdir)
-  if os.path.exists(path) and not force:
+  if fs.exists(path) and not force:
     logging.info("eval stage: %s exists, skipping (--force=eval to run again)", path)
     results = evaluate_lib.load_results(workdir)
   else:
     model_dir = build.model_dir(workdir)
-    if not os.path.exists(os.path.join(model_dir, "DONE")):
+    if not fs.exists(fs.join(model_dir, "DONE")):
       raise FileNotFoundError(f"{model_dir}/DONE not found: run the train stage first "
                               "(--stages=train)")
-    params, model_cfg = safetensors_io.load_hf_dir(model_dir)
-    tokenizer = LCRecTokenizer.from_dir(model_dir)
+    with fs.local_copy(model_dir) as local:  # gs://: downloaded to a temp dir
+      params, model_cfg = safetensors_io.load_hf_dir(local)
+      tokenizer = LCRecTokenizer.from_dir(local)
     results = evaluate_lib.evaluate(Llama(model_cfg), params, tokenizer, dataset, index,
                                     config.eval, config.tasks)
-    evaluate_lib.write_results(results, workdir)
+    evaluate_lib.write_results(results, workdir)  # process 0 only
+    fs.barrier("eval_stage_written")
   text = report.format_results(results)
   lines = _baseline_lines(workdir)
   print(text + ("\n" + "\n".join(lines) if lines else ""), flush=True)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from lcrec_jax import fs
 
 _TOKEN_RE = re.compile(r"^<([a-z])_(\d+)>$")
 
@@ -96,12 +97,11 @@ class ItemIndex:
     return {iid: self.item_tokens(i) for i, iid in enumerate(self.item_ids)}
 
   def save(self, path: str) -> None:
-    """Write LC-Rec's ``index.json`` atomically (temp file + rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(self.to_json_dict(), f)
-    os.replace(tmp, path)
+    """Write LC-Rec's ``index.json`` atomically (temp file + rename; local or ``gs://``).
+
+    Only process 0 writes (see :mod:`lcrec_jax.fs`).
+    """
+    fs.write_json(path, self.to_json_dict(), indent=None)
 
   @classmethod
   def from_json_dict(cls, data: Mapping[str, Sequence[str]], item_ids: Sequence[str] | None = None,
@@ -139,8 +139,7 @@ class ItemIndex:
   def load(cls, path: str, item_ids: Sequence[str] | None = None,
            level_sizes: Sequence[int] | None = None) -> "ItemIndex":
     try:
-      with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+      data = fs.read_json(path)
     except FileNotFoundError:
       raise FileNotFoundError(f"index file not found: {path}") from None
     except json.JSONDecodeError as e:

@@ -8,14 +8,14 @@ codes are used equally, 1 when one code takes every item).
 
 from __future__ import annotations
 
-import json
-import os
+import io
 from typing import Any, Mapping, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 import numpy as np
 
+from lcrec_jax import fs
 from lcrec_jax.index import assign
 from lcrec_jax.index.item_index import ItemIndex
 
@@ -80,12 +80,11 @@ def build_report(index: ItemIndex, stats: assign.AssignStats, encoded: assign.En
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-  """``json.dump`` to a temp file in the same directory, then rename over ``path``."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
+  """``json.dump`` to a temp file in the same directory, then rename over ``path``.
+
+  Goes through :mod:`lcrec_jax.fs` (local or ``gs://``); only process 0 writes.
+  """
+  fs.write_json(path, obj, indent=2)
 
 
 def plot_codes(path: str, history: Sequence[Mapping[str, Any]], codes: np.ndarray,
@@ -93,7 +92,7 @@ def plot_codes(path: str, history: Sequence[Mapping[str, Any]], codes: np.ndarra
   """Writes ``codes.png``: training curves and per-level code-usage histograms.
 
   Args:
-    path: output PNG (written atomically).
+    path: output PNG (written atomically, local or ``gs://``, by process 0 only).
     history: per-epoch rows (``epoch``, ``loss``, ``recon_mse``, ``quant_loss`` and
       optionally ``collision_rate``), e.g. the trainer's ``metrics.jsonl``.
     codes: ``[N, L]`` final codes.
@@ -133,7 +132,6 @@ def plot_codes(path: str, history: Sequence[Mapping[str, Any]], codes: np.ndarra
     if l == 0:
       a.set_ylabel("items")
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  fig.savefig(tmp, format="png")
-  os.replace(tmp, path)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png")
+  fs.write_bytes(path, buf.getvalue())

@@ -15,13 +15,13 @@ later epoch), ``"best_loss"``, or ``"final"``.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 from absl import logging
 import ml_collections
 import numpy as np
 
+from lcrec_jax import fs
 from lcrec_jax.data.dataset import Dataset
 from lcrec_jax.index import assign
 from lcrec_jax.index import report as report_lib
@@ -32,19 +32,18 @@ CHECKPOINT_CHOICES = ("best_collision", "best_loss", "final")
 
 
 def index_paths(workdir: str) -> dict[str, str]:
-  """Paths of the stage's outputs under ``<workdir>/index``."""
-  d = os.path.join(workdir, "index")
-  return {"dir": d, "index": os.path.join(d, "index.json"),
-          "report": os.path.join(d, "report.json"), "plot": os.path.join(d, "codes.png"),
-          "metrics": os.path.join(d, "metrics.jsonl"), "done": os.path.join(d, "DONE")}
+  """Paths of the stage's outputs under ``<workdir>/index`` (local or ``gs://``)."""
+  d = fs.join(workdir, "index")
+  return {"dir": d, "index": fs.join(d, "index.json"),
+          "report": fs.join(d, "report.json"), "plot": fs.join(d, "codes.png"),
+          "metrics": fs.join(d, "metrics.jsonl"), "done": fs.join(d, "DONE")}
 
 
 def load_index(workdir: str, dataset: Dataset) -> ItemIndex:
   """The saved index of a finished stage, rows in the dataset's item order."""
   paths = index_paths(workdir)
   try:
-    with open(paths["report"], encoding="utf-8") as f:
-      level_sizes = json.load(f)["level_sizes"]
+    level_sizes = fs.read_json(paths["report"])["level_sizes"]
   except (FileNotFoundError, KeyError, json.JSONDecodeError) as e:
     raise ValueError(f"{paths['report']}: cannot read level_sizes ({e}); "
                      f"rerun the index stage with force") from None
@@ -67,13 +66,12 @@ def run_index_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
     The conflict-free :class:`ItemIndex`.
   """
   paths = index_paths(workdir)
-  if os.path.exists(paths["done"]) and not force:
+  if fs.exists(paths["done"]) and not force:
     index = load_index(workdir, dataset)
     logging.info("index stage: %s exists, loaded %d item codes from %s", paths["done"],
                  index.num_items, paths["index"])
     return index
-  if os.path.exists(paths["done"]):
-    os.remove(paths["done"])
+  fs.remove(paths["done"])  # process 0 only, like every write below
 
   x = np.asarray(embeddings, np.float32)
   if x.ndim != 2 or x.shape[0] != dataset.num_items:
@@ -119,6 +117,7 @@ def run_index_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
   report_lib.plot_codes(paths["plot"], history, index.codes, index.level_sizes)
   report_lib.write_json_atomic(paths["done"], {"num_items": index.num_items,
                                                "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+  fs.barrier("index_stage_written")  # later stages may read what process 0 wrote
   _log_summary(rep, paths["dir"])
   return index
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import time
 from typing import Any, Mapping
 
@@ -38,6 +37,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
+from lcrec_jax import fs
 from lcrec_jax.index import assign
 from lcrec_jax.index import rqvae
 from lcrec_jax.log_filters import quiet_orbax
@@ -151,11 +151,12 @@ def _config_dict(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _managers(ckpt_dir: str, keep: int) -> dict[str, ocp.CheckpointManager]:
+  # orbax takes epath paths: gs:// directories go through epath, arrays through tensorstore
   out = {}
   for kind in CHECKPOINT_KINDS:
     opts = ocp.CheckpointManagerOptions(
         max_to_keep=max(1, int(keep)) if kind == "latest" else 1, create=True)
-    out[kind] = ocp.CheckpointManager(os.path.join(ckpt_dir, kind), options=opts)
+    out[kind] = ocp.CheckpointManager(fs.path(ckpt_dir) / kind, options=opts)
   return out
 
 
@@ -172,29 +173,24 @@ def _restore(mngr: ocp.CheckpointManager, epoch: int, like: Any) -> tuple[Any, d
 
 
 def _read_history(path: str, upto_epoch: int | None = None) -> list[dict]:
-  if not os.path.exists(path):
+  if not fs.exists(path):
     return []
   rows = []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:  # a line cut short by an interruption
-        continue
-      if upto_epoch is None or row.get("epoch", 0) <= upto_epoch:
-        rows.append(row)
+  for line in fs.read_text(path).splitlines():
+    line = line.strip()
+    if not line:
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:  # a line cut short by an interruption
+      continue
+    if upto_epoch is None or row.get("epoch", 0) <= upto_epoch:
+      rows.append(row)
   return rows
 
 
 def _write_history(path: str, rows: list[dict]) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for r in rows:
-      f.write(json.dumps(r) + "\n")
-  os.replace(tmp, path)
+  fs.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))  # process 0 only
 
 
 def _check_resumable(meta: Mapping[str, Any], cfg: ml_collections.ConfigDict,
@@ -250,14 +246,14 @@ def _train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir
   eval_every = max(1, int(cfg.eval_every))
   ckpt_every = max(1, int(cfg.checkpoint_every))
 
-  index_dir = os.path.join(workdir, "index")
-  os.makedirs(index_dir, exist_ok=True)
-  metrics_path = os.path.join(index_dir, "metrics.jsonl")
-  mngrs = _managers(os.path.join(index_dir, "checkpoints"), cfg.keep_checkpoints)
+  index_dir = fs.join(workdir, "index")
+  fs.makedirs(index_dir)
+  metrics_path = fs.join(index_dir, "metrics.jsonl")
+  mngrs = _managers(fs.join(index_dir, "checkpoints"), cfg.keep_checkpoints)
 
   start = mngrs["latest"].latest_step()
   if start is not None:  # check before anything is built: shapes could clash
-    where = os.path.join(index_dir, "checkpoints", "latest", str(start))
+    where = fs.join(index_dir, "checkpoints", "latest", str(start))
     saved_meta = mngrs["latest"].restore(
         start, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     try:
@@ -307,7 +303,7 @@ def _train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir
   x_dev = jnp.asarray(x)
   bar = tqdm(range(start, epochs), initial=start, total=epochs, desc="rqvae", unit="epoch",
              disable=None)
-  with open(metrics_path, "a", encoding="utf-8") as mfile:
+  with fs.AppendLog(metrics_path) as mfile:  # process 0 only; gs:// rewrites, throttled
     for e in bar:
       epoch = e + 1
       t0 = time.time()
@@ -350,6 +346,7 @@ def _train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir
       mfile.flush()
       if epoch % ckpt_every == 0 or epoch == epochs:
         meta["epoch"] = epoch
+        mfile.flush(force=True)  # the rows up to a checkpoint are on disk before it
         _save(mngrs["latest"], epoch, state, dict(meta))
   for m in mngrs.values():
     m.wait_until_finished()
@@ -382,7 +379,7 @@ def _load_checkpoint_variables(workdir, kind, model, like, cfg):
   """:func:`load_checkpoint_variables` without the orbax log filter."""
   if kind not in CHECKPOINT_KINDS:
     raise ValueError(f"checkpoint kind must be one of {CHECKPOINT_KINDS}, got {kind!r}")
-  path = os.path.join(workdir, "index", "checkpoints", kind)
+  path = fs.path(workdir) / "index" / "checkpoints" / kind
   mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
   step = mngr.latest_step()
   if step is None:

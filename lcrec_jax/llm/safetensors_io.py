@@ -18,6 +18,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from lcrec_jax import fs
 from lcrec_jax.llm import convert
 from lcrec_jax.llm.config import LlamaConfig
 from lcrec_jax.llm.tree_paths import set_path
@@ -180,7 +181,36 @@ def save_hf_dir(params: Mapping[str, Any], cfg: LlamaConfig, out_dir: str,
   Args:
     params: `Llama(cfg)` params (no LoRA; merge first).
     cfg: their config (written as config.json).
-    out_dir: created if needed.
+    out_dir: created if needed. A `gs://` directory is written locally first and then
+      copied there file by file (`lcrec_jax.fs.local_dir_for_write`); the caller picks
+      the writing process (the train stage: process 0).
+    tokenizer_files, dtype, max_shard_bytes: see `_save_hf_dir_local`.
+
+  Returns:
+    Paths of the files written (under `out_dir`).
+  """
+  if not fs.is_remote(out_dir):
+    return _save_hf_dir_local(params, cfg, out_dir, tokenizer_files, dtype=dtype,
+                              max_shard_bytes=max_shard_bytes)
+  with fs.local_dir_for_write(out_dir) as local:
+    written = _save_hf_dir_local(params, cfg, local, tokenizer_files, dtype=dtype,
+                                 max_shard_bytes=max_shard_bytes)
+    names = [os.path.relpath(p, local) for p in written]
+  for stale in (SINGLE_FILE, INDEX_FILE):  # left by an earlier export with other sharding
+    if stale not in names:
+      fs.remove(fs.join(out_dir, stale), all_processes=True)
+  return [fs.join(out_dir, *n.split(os.sep)) for n in names]
+
+
+def _save_hf_dir_local(params: Mapping[str, Any], cfg: LlamaConfig, out_dir: str,
+                       tokenizer_files: Any = None, *, dtype: Any = None,
+                       max_shard_bytes: int = 4 << 30) -> list[str]:
+  """`save_hf_dir` into a local directory.
+
+  Args:
+    params: `Llama(cfg)` params (no LoRA; merge first).
+    cfg: their config (written as config.json).
+    out_dir: local directory, created if needed.
     tokenizer_files: None; a directory or an iterable of file paths to copy; or an
       object with `save_pretrained(dir)` (a transformers tokenizer) or `save(path)`
       (a `tokenizers.Tokenizer`, written as tokenizer.json).

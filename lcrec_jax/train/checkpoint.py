@@ -4,7 +4,9 @@ Layout: `<workdir>/checkpoints/<step>/{state, data}`: `state` is the whole
 `TrainState` (params, optimizer state, step, RNG) as an orbax PyTree, `data` a small
 JSON with the data position (epoch, step within the epoch) and anything else the
 trainer wants back. Orbax writes into a temporary directory and renames it at the
-end, so a killed save never looks like a finished checkpoint.
+end, so a killed save never looks like a finished checkpoint. The directory is an
+`epath.Path`, so it may be `gs://...`: orbax handles directories through epath and
+writes array data with TensorStore's own GCS driver.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ the event-file format TensorBoard reads: a TFRecord stream (length, masked CRC-3
 payload, masked CRC-32C) of `Event` protocol buffers, encoded by hand below
 (Event{wall_time=1, step=2, file_version=3, summary=5}, Summary{value=1},
 Summary.Value{tag=1, simple_value=2}).
+
+Files go through :mod:`lcrec_jax.fs`, so `logdir` may be a `gs://` path (object stores
+cannot append: there the files are rewritten whole, throttled, see `fs.AppendLog`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from lcrec_jax import fs
 
 # --- CRC-32C (Castagnoli), as TFRecord framing needs --------------------------------
 
@@ -86,8 +91,7 @@ def tfrecord_frame(payload: bytes) -> bytes:
 def read_tfrecords(path: str | os.PathLike) -> list[bytes]:
   """Reads and CRC-checks a TFRecord file (for tests); returns the payloads."""
   out = []
-  with open(path, "rb") as f:
-    data = f.read()
+  data = fs.read_bytes(path)
   pos = 0
   while pos < len(data):
     header = data[pos:pos + 8]
@@ -108,13 +112,13 @@ class TensorBoardWriter:
   """Appends scalar summaries to a TensorBoard event file in `logdir`."""
 
   def __init__(self, logdir: str | os.PathLike):
-    os.makedirs(logdir, exist_ok=True)
     now = time.time()
     name = f"events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}"
-    self.path = os.path.join(logdir, name)
-    self._f = open(self.path, "ab")
+    self.path = fs.join(logdir, name)
+    # The caller decides which process writes (MetricsWriter: process 0 only).
+    self._f = fs.AppendLog(self.path, binary=True, all_processes=True)
     self._f.write(tfrecord_frame(_version_event(now)))
-    self._f.flush()
+    self._f.flush(force=True)
 
   def scalar(self, tag: str, value: float, step: int) -> None:
     """Writes one scalar summary."""
@@ -145,18 +149,18 @@ class MetricsWriter:
         an interrupted run did after its last checkpoint, which are about to be redone).
     """
     self.enabled = enabled
-    self.jsonl_path = os.path.join(logdir, "metrics.jsonl")
+    self.jsonl_path = fs.join(logdir, "metrics.jsonl")
     self._jsonl = None
     self._tb = None
     if enabled:
-      os.makedirs(logdir, exist_ok=True)
-      if drop_after_step is not None and os.path.exists(self.jsonl_path):
+      fs.makedirs(logdir)
+      if drop_after_step is not None and fs.exists(self.jsonl_path):
         kept = [r for r in read_jsonl(self.jsonl_path) if r.get("step", 0) <= drop_after_step]
-        with open(self.jsonl_path, "w") as f:
-          f.writelines(json.dumps(r) + "\n" for r in kept)
-      self._jsonl = open(self.jsonl_path, "a")
+        fs.write_text(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in kept),
+                      all_processes=True)
+      self._jsonl = fs.AppendLog(self.jsonl_path, all_processes=True)
       if tensorboard:
-        self._tb = TensorBoardWriter(os.path.join(logdir, "tb"))
+        self._tb = TensorBoardWriter(fs.join(logdir, "tb"))
 
   def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> None:
     """Appends one JSON line `{"step": step, **metrics}` and each scalar to TensorBoard."""
@@ -182,9 +186,8 @@ class MetricsWriter:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-  """All records of a metrics.jsonl file."""
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """All records of a metrics.jsonl file (local or `gs://`)."""
+  return [json.loads(line) for line in fs.read_text(path).splitlines() if line.strip()]
 
 
 # --- FLOPs / MFU ----------------------------------------------------------------------

@@ -11,13 +11,13 @@ skipped unless forced; an interrupted stage resumes from its latest checkpoint.
 
 from __future__ import annotations
 
-import os
 import time
 
 import jax
 import ml_collections
 from absl import logging
 
+from lcrec_jax import fs
 from lcrec_jax.data.dataset import Dataset
 from lcrec_jax.eval import evaluate as evaluate_lib
 from lcrec_jax.index.item_index import ItemIndex
@@ -33,6 +33,11 @@ def _examples(config: ml_collections.ConfigDict, dataset: Dataset, index: ItemIn
       dataset, index, tc.names, sample_nums=tc.sample_nums,
       prompt_sample_nums=tc.prompt_sample_nums, seed=config.seed, max_history=tc.max_history,
       preference_from=tc.preference_from, show_progress=True)
+
+
+def _corpus(examples) -> list[str]:
+  """Texts a trained tokenizer learns from: every framed prompt and its response."""
+  return [batching.format_prompt(ex.instruction) + ex.response for ex in examples]
 
 
 def _valid_examples(config: ml_collections.ConfigDict, dataset: Dataset, index: ItemIndex):
@@ -55,23 +60,35 @@ def run_train_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
       ``<workdir>/train`` to start over).
   """
   out_dir = build.model_dir(workdir)
-  done = os.path.join(out_dir, "DONE")
-  if os.path.exists(done) and not force:
+  done = fs.join(out_dir, "DONE")
+  if fs.exists(done) and not force:
     logging.info("train stage: %s exists, skipping (--force=train to run again)", done)
     return out_dir
   mc = config.model
-  model, params, tokenizer = build.build_model(mc, index, config.seed)
+  t0 = time.perf_counter()
+  examples = _examples(config, dataset, index)
+  model, params, tokenizer = build.build_model(
+      mc, index, config.seed, corpus=lambda: _corpus(examples),
+      tokenizer_dir=fs.join(workdir, "train", "tokenizer"))
   cfg = model.config
   source = (f"random {mc.preset}" if mc.init == "random"
             else f"pretrained {mc.get('hf_dir', '') or mc.get('gguf_path', '') or 'SmolLM2-135M'}")
-  logging.info("model: %s, %.1fM params, vocab %d (incl. %d code tokens)", source,
-               cfg.num_params() / 1e6, cfg.vocab_size, len(index.all_tokens()))
+  logging.info("model: %s, %.1fM params, vocab %d (incl. %d code tokens, %s tokenizer)",
+               source, cfg.num_params() / 1e6, cfg.vocab_size, len(index.all_tokens()),
+               mc.get("tokenizer", "base"))
 
-  t0 = time.perf_counter()
-  examples = _examples(config, dataset, index)
+  history_tasks = tuple(config.tasks.get("history_loss_tasks", ()) or ())
+  need = (config.tasks.max_history + 1) * (index.num_levels + 1)
+  slots = int(config.train.get("max_label_tokens", 0) or 0)
+  if history_tasks and 0 < slots < need:
+    raise ValueError(f"train.max_label_tokens={slots} cannot hold the labels of the history "
+                     f"loss (tasks.history_loss_tasks={history_tasks}): up to {need} per "
+                     "example; raise it or set 0 (every position)")
+  code_ids = tokenizer.code_token_ids(index).ravel() if history_tasks else None
   batcher = batching.Batcher(examples, tokenizer, batch_size=config.train.batch_size,
                              buckets=config.tasks.buckets, add_bos=config.tasks.add_bos,
-                             show_progress=True)
+                             show_progress=True, prompt_label_ids=code_ids,
+                             prompt_label_tasks=history_tasks)
   valid = batching.Batcher(_valid_examples(config, dataset, index), tokenizer,
                            batch_size=config.train.batch_size, buckets=config.tasks.buckets,
                            add_bos=config.tasks.add_bos)
@@ -107,9 +124,9 @@ def run_train_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
   lora_params = None
   if isinstance(final, dict) and "lora" in final:
     final, lora_params = final["params"], final["lora"]
-  if jax.process_index() == 0:
+  if fs.is_primary():  # one writer for the shared workdir (local or gs://)
     export.export_hf(out_dir, final, cfg, lora=lora_params, tokenizer=tokenizer)
-    with open(done, "w") as f:
-      f.write(f"step {result.step}\n")
+    fs.write_text(done, f"step {result.step}\n")
+  fs.barrier("train_stage_exported")  # the eval stage reads model/ on every process
   logging.info("train stage: model exported to %s", out_dir)
   return out_dir

@@ -39,6 +39,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from lcrec_jax import fs
 from lcrec_jax.train import checkpoint as ckpt_lib
 from lcrec_jax.train import mesh as mesh_lib
 from lcrec_jax.train import metrics as metrics_lib
@@ -238,9 +239,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
   _check_params(params["params"] if state_lib.is_lora_tree(params) else params, boxed)
   shardings = state_lib.state_shardings(tx, boxed, trainable_mask, mesh, rules, params)
 
-  train_dir = os.path.join(os.fspath(workdir), "train")
-  is_main = jax.process_index() == 0
-  ckpt = ckpt_lib.Checkpointer(os.path.join(train_dir, "checkpoints"),
+  train_dir = fs.join(workdir, "train")  # local or gs://
+  is_main = fs.is_primary()
+  ckpt = ckpt_lib.Checkpointer(fs.path(train_dir) / "checkpoints",
                                save_every=tc.checkpoint_every, keep=tc.keep_checkpoints,
                                async_save=tc.get("async_checkpoint", True))
 
