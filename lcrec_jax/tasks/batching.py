@@ -17,6 +17,13 @@ prompt/response boundary is exact: ``labels`` are ``-100`` on BOS, the prompt an
 and equal to ``tokens`` on the response and its EOS (labels are aligned with ``tokens``,
 not shifted: logits at ``t - 1`` predict ``labels[t]``).
 
+History loss (optional, off in LC-Rec). With ``prompt_label_ids`` and
+``prompt_label_tasks`` given, examples of those tasks (e.g. ``seqrec``) also get labels on
+every prompt token whose id is in ``prompt_label_ids`` (the item-code tokens): the
+history is in time order, so each history item's code is a next-item target given the
+items before it. One forward pass then trains ~``max_history`` next-item predictions
+instead of one, as SASRec-style models train every position of a sequence.
+
 Lengths. Sequences go into the smallest configured bucket length that holds them, so only
 ``len(buckets)`` shapes ever reach ``jit``. A sequence longer than the largest bucket
 loses instruction tokens from the left (the oldest history; the frame is kept); the
@@ -287,9 +294,12 @@ def epoch_plan(bucket: np.ndarray, batch_size: int, seed: int, epoch: int,
   return [planned[int(i)] for i in order]
 
 
-def make_batch(data: TokenizedExamples, planned: PlannedBatch, rows: slice = slice(None)
-               ) -> dict[str, np.ndarray]:
+def make_batch(data: TokenizedExamples, planned: PlannedBatch, rows: slice = slice(None),
+               prompt_label_ids: np.ndarray | None = None,
+               prompt_label_tasks: Sequence[str] = ()) -> dict[str, np.ndarray]:
   """Arrays of one planned batch (``rows`` selects a host's share).
+
+  ``prompt_label_ids`` / ``prompt_label_tasks``: the history loss (module docstring).
 
   Returns:
     ``tokens``, ``labels`` (-100 = no loss), ``attention_mask`` (1 = real token) and
@@ -309,12 +319,18 @@ def make_batch(data: TokenizedExamples, planned: PlannedBatch, rows: slice = sli
     mask[r, :n] = 1
     if is_real:
       labels[r, len(p):n] = resp
+      if prompt_label_ids is not None and data.tasks[int(i)] in prompt_label_tasks:
+        keep = np.isin(p, prompt_label_ids)
+        labels[r, :len(p)][keep] = p[keep]
   positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()
   return {"tokens": tokens, "labels": labels, "attention_mask": mask, "positions": positions}
 
 
 class Batcher:
   """Tokenizes once; yields the deterministic batches of any epoch.
+
+  ``prompt_label_ids`` / ``prompt_label_tasks`` turn on the history loss for those tasks
+  (module docstring).
 
   Example::
 
@@ -327,7 +343,13 @@ class Batcher:
                tokenizer: TokenizerLike | None = None, *, batch_size: int,
                buckets: Sequence[int] = (128, 256, 512), add_bos: bool | None = None,
                drop_remainder: bool = False, overflow: str = "skip",
-               show_progress: bool = False):
+               show_progress: bool = False, prompt_label_ids: Sequence[int] | None = None,
+               prompt_label_tasks: Sequence[str] = ()):
+    if prompt_label_tasks and prompt_label_ids is None:
+      raise ValueError("prompt_label_tasks needs prompt_label_ids (the code token ids)")
+    self.prompt_label_ids = (None if prompt_label_ids is None else
+                             np.unique(np.asarray(prompt_label_ids, np.int32)))
+    self.prompt_label_tasks = tuple(prompt_label_tasks)
     if isinstance(examples, TokenizedExamples):
       self.data = examples
     else:
@@ -374,7 +396,8 @@ class Batcher:
     per = self.batch_size // process_count
     rows = slice(process_index * per, (process_index + 1) * per)
     plan = self.plan(seed, epoch)[start_step:]
-    return (make_batch(self.data, planned, rows) for planned in plan)
+    return (make_batch(self.data, planned, rows, self.prompt_label_ids,
+                       self.prompt_label_tasks) for planned in plan)
 
 
 def batches(examples: Sequence[Example] | TokenizedExamples, tokenizer: TokenizerLike | None,
