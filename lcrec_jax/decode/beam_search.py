@@ -1,8 +1,12 @@
 """Jitted beam search over item codes, constrained by the item trie.
 
-One call decodes a batch of users: the prompt is prefilled once per user, the cache is
-then repeated over ``num_beams`` rows, and each of the ``L`` code levels is one step of
-a ``lax.fori_loop`` over ``[batch * beams]`` rows, all with static shapes.
+One call decodes a batch of users: the prompt is prefilled once per user, and each of
+the ``L`` code levels is one step of a ``lax.fori_loop`` over ``[batch * beams]`` rows, all
+with static shapes. The prompt's keys and values stay once per user
+(:class:`~lcrec_jax.llm.kv_cache.BeamKVCache`, ``cache_layout="split"``, the default);
+only the ``L - 1`` fed-back code tokens get per-beam cache slots, and only those are
+gathered when beams are reordered. ``cache_layout="full"`` instead copies the prompt cache
+into every beam's row (the former layout; same results, ~20x the cache traffic per step).
 
 Scores are sums of full-vocabulary log-probabilities of the code tokens, as
 Hugging Face's beam search with a ``prefix_allowed_tokens_fn`` computes them (log-softmax
@@ -26,11 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcrec_jax.decode.trie import Trie
-from lcrec_jax.llm.kv_cache import KVCache, init_cache, reorder_cache
+from lcrec_jax.llm.kv_cache import KVCache, init_cache, reorder_beam_kv, reorder_cache
+from lcrec_jax.llm.kv_cache import split_beam_cache
 from lcrec_jax.llm.model import Llama
 
 NEG_INF = -jnp.inf
 Mode = Literal["trie", "position"]
+CacheLayout = Literal["split", "full"]
 
 
 class BeamResult(NamedTuple):
@@ -79,11 +85,12 @@ def reorder_beam_cache(cache: KVCache, rows: jax.Array, start: int) -> KVCache:
   return cache._replace(k=gather(cache.k), v=gather(cache.v))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "num_beams", "mode"))
+@functools.partial(jax.jit, static_argnames=("model", "num_beams", "mode", "cache_layout"))
 def constrained_beam_search(model: Llama, params: Any, prompt: jax.Array, prompt_mask: jax.Array,
                             code_token_ids: jax.Array, trie: Trie | None = None,
                             allowed_codes: jax.Array | None = None, *, num_beams: int,
-                            mode: Mode = "trie", lora: Any = None) -> BeamResult:
+                            mode: Mode = "trie", lora: Any = None,
+                            cache_layout: CacheLayout = "split") -> BeamResult:
   """Top ``num_beams`` item codes per user.
 
   Args:
@@ -98,6 +105,9 @@ def constrained_beam_search(model: Llama, params: Any, prompt: jax.Array, prompt
     num_beams: beams per user (static).
     mode: ``"trie"`` or ``"position"`` (static).
     lora: optional LoRA adapters applied on the fly.
+    cache_layout: ``"split"`` (prompt cache once per user plus a per-beam cache of the
+      generated slots) or ``"full"`` (prompt cache copied into every beam row); static.
+      Both give the same beams and scores up to float rounding.
 
   Returns:
     A :class:`BeamResult`. Items come from the trie in ``"trie"`` mode; in
@@ -109,6 +119,8 @@ def constrained_beam_search(model: Llama, params: Any, prompt: jax.Array, prompt
     raise ValueError("mode='trie' needs the item trie")
   if mode == "position" and allowed_codes is None:
     raise ValueError("mode='position' needs allowed_codes")
+  if cache_layout not in ("split", "full"):
+    raise ValueError(f"cache_layout must be 'split' or 'full', got {cache_layout!r}")
   valid_token = code_token_ids >= 0
   safe_ids = jnp.maximum(code_token_ids, 0)
 
@@ -122,9 +134,8 @@ def constrained_beam_search(model: Llama, params: Any, prompt: jax.Array, prompt
       children = jnp.where(allowed, 0, -1)
     return allowed & valid_token[level], children
 
-  def select(level, scores, nodes, logp):
-    """One beam step: ``logp [batch, beams, V]`` -> new beams of the level's codes."""
-    cand = jnp.take(logp, safe_ids[level], axis=-1)                    # [B, W, K]
+  def select(level, scores, nodes, cand):
+    """One beam step: ``cand [batch, beams, K]`` code log-probs -> new beams of the level."""
     allowed, children = level_mask(level, nodes)
     total = jnp.where(allowed, scores[..., None] + cand, NEG_INF)
     flat_total = total.reshape(batch, -1)
@@ -138,24 +149,37 @@ def constrained_beam_search(model: Llama, params: Any, prompt: jax.Array, prompt
     child = jnp.where(jnp.isfinite(top), child, -1)
     return top, parent, code, child
 
-  logp0, cache = _prefill(model, params, prompt, prompt_mask, prompt.shape[1] + levels - 1, lora)
+  split = cache_layout == "split"
+  prompt_len = prompt.shape[1]
+  logp0, cache = _prefill(model, params, prompt, prompt_mask,
+                          prompt_len if split else prompt_len + levels - 1, lora)
   root = jnp.zeros((batch, 1), jnp.int32)
-  scores, _, code, nodes = select(0, jnp.zeros((batch, 1)), root, logp0[:, None, :])
+  cand0 = jnp.take(logp0, safe_ids[0], axis=-1)[:, None, :]           # [B, 1, K]
+  scores, _, code, nodes = select(0, jnp.zeros((batch, 1)), root, cand0)
   codes = jnp.zeros((batch, num_beams, levels), jnp.int32).at[:, :, 0].set(code)
-  rows = jnp.repeat(jnp.arange(batch), num_beams)
-  cache = reorder_cache(cache, rows)
+  if split:
+    cache = split_beam_cache(cache, num_beams, max(levels - 1, 1))
+  else:
+    cache = reorder_cache(cache, jnp.repeat(jnp.arange(batch), num_beams))
+  row_base = (jnp.arange(batch) * num_beams)[:, None]                 # [B, 1]
 
   def body(level, carry):
     scores, nodes, codes, cache = carry
     prev = jnp.take_along_axis(codes, jnp.full((batch, num_beams, 1), level - 1), axis=2)[..., 0]
     tok = safe_ids[level - 1][prev].reshape(batch * num_beams, 1)
     logits, cache = model.apply({"params": params}, tok, cache=cache, lora=lora)
-    logp = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32), axis=-1)
-    logp = logp.reshape(batch, num_beams, -1)
-    scores, parent, code, nodes = select(level, scores, nodes, logp)
+    logits = logits[:, 0].astype(jnp.float32)                          # [B * W, V]
+    # Full-vocabulary log-probabilities of the level's K code tokens only: the
+    # normaliser needs every logit, the [B * W, V] log-softmax itself is not needed.
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    cand = (jnp.take(logits, safe_ids[level], axis=-1) - lse).reshape(batch, num_beams, -1)
+    scores, parent, code, nodes = select(level, scores, nodes, cand)
     codes = jnp.take_along_axis(codes, parent[..., None], axis=1).at[:, :, level].set(code)
-    cache = reorder_beam_cache(cache, (parent + jnp.arange(batch)[:, None] * num_beams).reshape(-1),
-                               prompt.shape[1])
+    rows = (parent + row_base).reshape(-1)
+    if split:
+      cache = reorder_beam_kv(cache, rows)
+    else:
+      cache = reorder_beam_cache(cache, rows, prompt_len)
     return scores, nodes, codes, cache
 
   scores, nodes, codes, _ = jax.lax.fori_loop(1, levels, body, (scores, nodes, codes, cache))

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcrec_jax.llm.config import LlamaConfig
-from lcrec_jax.llm.kv_cache import KVCache
+from lcrec_jax.llm.kv_cache import BeamKVCache, KVCache
 
 Array = jax.Array
 _NEG = -0.7 * float(np.finfo(np.float32).max)  # finite "minus infinity" for masks
@@ -152,8 +152,11 @@ class Attention(nn.Module):
     Args:
       x: `[B, T, E]` normed hidden states.
       ctx: shared tensors: cos/sin `[B, T, D]`, allowed `[B, T, S]` bool, index `[]`,
-        lora_scale `[]`.
-      layer_cache: None or (k, v) each `[B, S, KV, D]`.
+        lora_scale `[]`; with a beam cache also prompt_allowed `[U, P]` bool.
+      layer_cache: None, (k, v) each `[B, S, KV, D]`, or a beam cache's layer
+        (prompt_k, prompt_v, k, v): prompt keys/values `[U, P, KV, D]` shared by the
+        `B // U` consecutive rows of each of U users, and per-row keys/values `[B, S, KV, D]`
+        of generated tokens (see `kv_cache.BeamKVCache`).
       lora: None or this module's adapters.
 
     Returns:
@@ -175,8 +178,13 @@ class Attention(nn.Module):
     k = apply_rope(k, ctx["cos"], ctx["sin"])
 
     new_cache = None
+    prompt_kv = None
     if layer_cache is not None:
-      ck, cv = layer_cache
+      if len(layer_cache) == 4:
+        pk, pv, ck, cv = layer_cache
+        prompt_kv = (pk.astype(cfg.compute_dtype), pv.astype(cfg.compute_dtype))
+      else:
+        ck, cv = layer_cache
       idx = ctx["index"]
       ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, idx, 0, 0))
       cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, idx, 0, 0))
@@ -184,16 +192,57 @@ class Attention(nn.Module):
       k, v = ck.astype(cfg.compute_dtype), cv.astype(cfg.compute_dtype)
 
     b, t = q.shape[:2]
-    qg = q.reshape(b, t, kv, cfg.num_groups, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k,
-                        preferred_element_type=jnp.float32) * (d ** -0.5)
-    allowed = ctx["allowed"][:, None, None, :, :]
-    scores = jnp.where(allowed, scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+    if prompt_kv is None:
+      qg = q.reshape(b, t, kv, cfg.num_groups, d)
+      scores = jnp.einsum("btkgd,bskd->bkgts", qg, k,
+                          preferred_element_type=jnp.float32) * (d ** -0.5)
+      allowed = ctx["allowed"][:, None, None, :, :]
+      scores = jnp.where(allowed, scores, _NEG)
+      probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
+      out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+    else:
+      out = _split_attention(q, k, v, prompt_kv, ctx["allowed"], ctx["prompt_allowed"],
+                             cfg.num_groups, cfg.compute_dtype)
     out = _constrain(out, ("activation_batch", "activation_length", "activation_heads", None))
     y = proj("o_proj", (h, d), (e,), ("heads", "head_dim", "embed"))(out, lora.get("o_proj"), sc)
     return y, new_cache
+
+
+def _split_attention(q: Array, k: Array, v: Array, prompt_kv: tuple[Array, Array],
+                     allowed: Array, prompt_allowed: Array, groups: int, dtype) -> Array:
+  """Attention over a shared prompt cache plus per-row generated slots, one softmax.
+
+  Args:
+    q: `[B, T, H, D]` queries; rows `[u * W, (u + 1) * W)` belong to user u (B = U * W).
+    k: `[B, S, KV, D]` keys of the generated slots (per row).
+    v: `[B, S, KV, D]` values of the generated slots.
+    prompt_kv: prompt keys and values, each `[U, P, KV, D]`, shared by a user's W rows.
+    allowed: `[B, T, S]` bool, which generated slots each query sees.
+    prompt_allowed: `[U, P]` bool, the real prompt slots.
+    groups: query heads per kv head.
+    dtype: compute dtype of the output.
+
+  Returns:
+    `[B, T, H, D]`: softmax over the concatenated prompt and generated scores, so the
+    result equals attention over a cache holding the prompt copied into every row.
+  """
+  pk, pv = prompt_kv
+  b, t, h, d = q.shape
+  users, p, kv = pk.shape[0], pk.shape[1], pk.shape[2]
+  w = b // users
+  qg = q.reshape(users, w, t, kv, groups, d)
+  kg, vg = k.reshape(users, w, -1, kv, d), v.reshape(users, w, -1, kv, d)
+  scale = d ** -0.5
+  s_prompt = jnp.einsum("uwtkgd,upkd->uwkgtp", qg, pk,
+                        preferred_element_type=jnp.float32) * scale
+  s_gen = jnp.einsum("uwtkgd,uwskd->uwkgts", qg, kg,
+                     preferred_element_type=jnp.float32) * scale
+  s_prompt = jnp.where(prompt_allowed[:, None, None, None, None, :], s_prompt, _NEG)
+  s_gen = jnp.where(allowed.reshape(users, w, 1, 1, t, -1), s_gen, _NEG)
+  probs = jax.nn.softmax(jnp.concatenate([s_prompt, s_gen], axis=-1), axis=-1).astype(dtype)
+  out = (jnp.einsum("uwkgtp,upkd->uwtkgd", probs[..., :p], pv)
+         + jnp.einsum("uwkgts,uwskd->uwtkgd", probs[..., p:], vg))
+  return out.reshape(b, t, h, d)
 
 
 class MLP(nn.Module):
@@ -294,7 +343,8 @@ class Llama(nn.Module):
         left and right padding.
       attention_mask: `[B, T]`, 1 for real tokens, 0 for padding; default all ones.
       cache: a `KVCache`; the T tokens are written at slots `[cache.index, +T)` and
-        attend to every earlier real slot.
+        attend to every earlier real slot. Or a `BeamKVCache` (B = users * beams): the
+        tokens go to its per-beam slots and also attend to their user's prompt slots.
       return_hidden: return the final-normed hidden states `[B, T, E]` instead of
         logits (use `method=Llama.logits` on the positions you need).
       lora: optional `lora.LoraParams` applied on the fly (base params unchanged).
@@ -316,6 +366,7 @@ class Llama(nn.Module):
         positions = positions + cache.next_pos[:, None]
     positions = jnp.asarray(positions, jnp.int32)
 
+    beam_cache = isinstance(cache, BeamKVCache)
     if cache is None:
       index = jnp.zeros((), jnp.int32)
       key_mask = mask
@@ -331,12 +382,16 @@ class Llama(nn.Module):
     adapters = None if lora is None else lora.adapters
     ctx = dict(cos=cos, sin=sin, allowed=allowed, index=index,
                lora_scale=jnp.asarray(lora_scale, jnp.float32))
+    if beam_cache:
+      ctx["prompt_allowed"] = cache.prompt_mask
 
     x = self.embed_tokens(tokens)
     x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
     new_cache = None
     if cfg.scan_layers:
       layer_cache = None if cache is None else (cache.k, cache.v)
+      if beam_cache:
+        layer_cache = (cache.prompt_k, cache.prompt_v, cache.k, cache.v)
       layer_lora = None if adapters is None else adapters.get("layers")
       x, kv = self.layers(x, ctx, layer_cache, layer_lora)
       if cache is not None:
@@ -345,6 +400,8 @@ class Llama(nn.Module):
       ks, vs = [], []
       for i, layer in enumerate(self.layers):
         lc = None if cache is None else (cache.k[i], cache.v[i])
+        if beam_cache:
+          lc = (cache.prompt_k[i], cache.prompt_v[i], cache.k[i], cache.v[i])
         ll = None if adapters is None else adapters.get(f"layers_{i}")
         x, kv = layer(x, ctx, lc, ll)
         if cache is not None:
@@ -353,7 +410,7 @@ class Llama(nn.Module):
       if cache is not None:
         new_k, new_v = jnp.stack(ks), jnp.stack(vs)
     if cache is not None:
-      new_cache = KVCache(
+      new_cache = cache._replace(
           k=new_k, v=new_v, mask=key_mask, index=index + t,
           next_pos=cache.next_pos + jnp.sum(mask, axis=1).astype(jnp.int32))
 
