@@ -122,7 +122,8 @@ def results(setup, tmp_path_factory):
   dataset, index, tok, model, params, tasks = setup
   cfg_eval = ml_collections.ConfigDict({
       "num_beams": NUM_ITEMS, "batch_size": 4, "splits": ("valid", "test"),
-      "template_ids": TEMPLATES, "modes": ("trie", "position"), "max_users": 0})
+      "template_ids": TEMPLATES, "modes": ("trie", "position"), "max_users": 0,
+      "shard": False})  # the sharded path: test_sharded_decoder_equals_one_device
   res = ev.evaluate(model, params, tok, dataset, index, cfg_eval, tasks, progress=False)
   workdir = str(tmp_path_factory.mktemp("run"))
   path = ev.write_results(res, workdir)
@@ -209,3 +210,24 @@ def test_config_errors(setup):
   with pytest.raises(ValueError, match="eval.template_ids"):
     ev.EvalSettings.from_config({"template_ids": (99,)})
   assert ev.EvalSettings.from_config({"template_ids": None}).template_ids == tuple(range(10))
+
+
+def test_sharded_decoder_equals_one_device(setup):
+  """Users split over the 8-device `data` axis decode exactly as on one device."""
+  dataset, index, tok, model, params, tasks = setup
+  prompts = [ev.eval_prompt_ids(tok, ex.instruction, tasks, LEVELS)
+             for ex in seqrec_eval_examples(dataset, index, "test", 0, 20)]
+  mesh = ev.data_mesh()
+  assert mesh.shape["data"] == 8
+  one = ev.Decoder(model, tok, index, tasks.buckets)
+  many = ev.Decoder(model, tok, index, tasks.buckets, mesh=mesh)
+  a_items, a_scores = one.rank(params, prompts, num_beams=8, mode="trie", batch_size=8)
+  b_items, b_scores = many.rank(params, prompts, num_beams=8, mode="trie", batch_size=8)
+  np.testing.assert_array_equal(a_items, b_items)
+  np.testing.assert_allclose(a_scores, b_scores, rtol=1e-5, atol=1e-5)
+  rows = many._batch(np.arange(8 * 16, dtype=np.int32).reshape(8, 16))
+  assert len(rows.sharding.device_set) == 8
+  assert {s.data.shape for s in rows.addressable_shards} == {(1, 16)}
+  with pytest.raises(ValueError, match="single axis"):
+    ev.Decoder(model, tok, index, tasks.buckets,
+               mesh=jax.sharding.Mesh(np.asarray(jax.devices()).reshape(2, 4), ("a", "b")))

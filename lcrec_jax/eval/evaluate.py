@@ -37,6 +37,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 from tqdm import tqdm
 
@@ -78,11 +80,13 @@ class EvalSettings:
   modes: tuple[str, ...] = MODES
   max_users: int = 0
   seed: int = 0
+  shard: bool = True
 
   @classmethod
   def from_config(cls, cfg_eval: Any) -> "EvalSettings":
     """Reads ``num_beams``, ``batch_size``, ``splits``, ``template_ids`` (None = all seqrec
-    templates), ``modes``, ``max_users`` (0 = all) and ``seed`` from ``cfg_eval``."""
+    templates), ``modes``, ``max_users`` (0 = all), ``seed`` and ``shard`` (split each
+    batch over all devices, :class:`Decoder`) from ``cfg_eval``."""
     n_tmpl = num_templates("seqrec")
     tids = _get(cfg_eval, "template_ids", None)
     tids = tuple(range(n_tmpl)) if tids is None else tuple(int(t) for t in tids)
@@ -91,7 +95,8 @@ class EvalSettings:
               splits=tuple(_get(cfg_eval, "splits", SPLITS)),
               template_ids=tids, modes=tuple(_get(cfg_eval, "modes", MODES)),
               max_users=int(_get(cfg_eval, "max_users", 0) or 0),
-              seed=int(_get(cfg_eval, "seed", 0) or 0))
+              seed=int(_get(cfg_eval, "seed", 0) or 0),
+              shard=bool(_get(cfg_eval, "shard", True)))
     need = max(DEFAULT_KS + DEFAULT_NDCG_KS)
     if out.num_beams < need:
       raise ValueError(f"config eval.num_beams={out.num_beams}: full-ranking metrics up to "
@@ -128,14 +133,30 @@ def eval_prompt_ids(tokenizer: Any, instruction: str, cfg_tasks: Any, num_levels
                                 add_bos=_get(cfg_tasks, "add_bos", None))
 
 
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A one-axis ``("data",)`` mesh over ``devices`` (default: every device of every host)."""
+  return Mesh(np.asarray(jax.devices() if devices is None else devices), ("data",))
+
+
 class Decoder:
   """Everything constant across evaluation calls: code token table, trie, position mask.
 
   Call :meth:`rank` with prompts of any lengths; it buckets, pads and batches them.
+
+  Sharding: with a ``mesh`` (one ``"data"`` axis, :func:`data_mesh`), each batch of users
+  is split over the ``data`` axis and the parameters are replicated, so every chip
+  decodes ``batch_size / data`` users of each call (the batch is rounded up to a multiple
+  of the axis size). Every process passes the same prompts and gets every result back,
+  so this also runs on multi-host pods. Without a mesh, one device decodes everything.
   """
 
   def __init__(self, model: Llama, tokenizer: Any, index: ItemIndex,
-               buckets: Sequence[int], trie: Trie | None = None):
+               buckets: Sequence[int], trie: Trie | None = None, mesh: Mesh | None = None):
+    if mesh is not None and tuple(mesh.axis_names) != ("data",):
+      raise ValueError(f"evaluation mesh must have the single axis ('data',), got "
+                       f"{mesh.axis_names}")
+    self.mesh = mesh
+    self._replicated_params: tuple[Any, Any] | None = None
     self.model = model
     self.index = index
     self.buckets = tuple(sorted(int(b) for b in buckets))
@@ -177,6 +198,10 @@ class Decoder:
       for beams that spell no item or are empty.
     """
     n = len(prompts)
+    if self.mesh is not None:
+      ways = self.mesh.shape["data"]
+      batch_size = -(-batch_size // ways) * ways
+      params, lora = self._replicate(params, lora)
     items = np.full((n, num_beams), -1, np.int64)
     scores = np.full((n, num_beams), -np.inf, np.float32)
     lengths = np.asarray([len(p) for p in prompts], np.int64)
@@ -196,10 +221,10 @@ class Decoder:
         tok[r, b - len(p):] = p
         mask[r, b - len(p):] = 1
       res = constrained_beam_search(
-          self.model, params, jnp.asarray(tok), jnp.asarray(mask), self.code_ids,
+          self.model, params, self._batch(tok), self._batch(mask), self.code_ids,
           self.trie if mode == "trie" else None, self.allowed if mode == "position" else None,
           num_beams=num_beams, mode=mode, lora=lora)
-      res = jax.device_get(res)
+      res = self._gather(res)
       k = len(rows)
       sc = np.asarray(res.scores[:k], np.float32)
       if mode == "trie":
@@ -208,6 +233,35 @@ class Decoder:
         it = codes_to_items(res.codes[:k], sc, self.lookup)
       items[rows], scores[rows] = it, sc
     return items, scores
+
+
+  def _replicate(self, params: Any, lora: Any) -> tuple[Any, Any]:
+    """``params`` (and ``lora``) on every device of the mesh; cached for the same objects."""
+    cached = self._replicated_params
+    if cached is not None and cached[0] is params and cached[1] is lora:
+      return cached[2], cached[3]
+    rep = NamedSharding(self.mesh, PartitionSpec())
+    def one(x):
+      if isinstance(x, jax.Array):  # e.g. training params sharded over another mesh
+        return jax.device_put(x, rep)
+      return jax.make_array_from_callback(np.shape(x), rep, lambda idx: np.asarray(x)[idx])
+    put = lambda tree: None if tree is None else jax.tree_util.tree_map(one, tree)
+    out = (put(params), put(lora))
+    self._replicated_params = (params, lora, *out)
+    return out
+
+  def _batch(self, rows: np.ndarray) -> jax.Array:
+    """``[batch, len]`` host rows as a device array, split over ``data`` with a mesh."""
+    if self.mesh is None:
+      return jnp.asarray(rows)
+    sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+    return jax.make_array_from_callback(rows.shape, sharding, lambda idx: rows[idx])
+
+  def _gather(self, tree: Any) -> Any:
+    """Every row of a (possibly multi-host) result on this host, as numpy."""
+    if self.mesh is None or jax.process_count() == 1:
+      return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def valid_beam_share(items: np.ndarray, scores: np.ndarray) -> float:
@@ -263,7 +317,8 @@ def evaluate(model: Llama, params: Any, tokenizer: Any, dataset: Dataset, index:
   t0 = time.perf_counter()
   max_history = int(_get(cfg_tasks, "max_history", 20))
   if decoder is None:
-    decoder = Decoder(model, tokenizer, index, _get(cfg_tasks, "buckets"))
+    mesh = data_mesh() if st.shard and jax.device_count() > 1 else None
+    decoder = Decoder(model, tokenizer, index, _get(cfg_tasks, "buckets"), mesh=mesh)
   num_beams = min(st.num_beams, index.num_items)  # more beams than items: nothing to add
   users = sample_users(dataset.num_users, st.max_users, st.seed)
   split_data = dataset.split()
@@ -346,9 +401,12 @@ def validation_hook(model: Llama, tokenizer: Any, dataset: Dataset, index: ItemI
 
   ``params_fn`` / ``lora_fn`` pull the base params and the adapters out of the train
   state; ``kwargs`` go to :func:`quick_metrics`. Tables and compiled shapes are reused
-  across calls.
+  across calls; with several devices and ``eval.shard`` (default) the users are split
+  over a ``data`` mesh of all devices, the parameters replicated for the call.
   """
-  decoder = Decoder(model, tokenizer, index, _get(cfg_tasks, "buckets"))
+  shard = bool(_get(cfg_eval, "shard", True)) and jax.device_count() > 1
+  decoder = Decoder(model, tokenizer, index, _get(cfg_tasks, "buckets"),
+                    mesh=data_mesh() if shard else None)
 
   def hook(step: int, state: Any) -> dict[str, float]:
     del step
