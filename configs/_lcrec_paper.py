@@ -97,6 +97,7 @@ def paper_config(dataset: str) -> ml_collections.ConfigDict:
   # codes fit in 512, fusionseqrec/itemsearch prompts with titles need more.
   c.tasks.buckets = (256, 512, 768, 1024)
   c.tasks.eval_template_ids = (0,)
+  c.tasks.history_loss_tasks = ()  # the paper trains on responses only
 
   # --- model: LLaMA-7B, full fine-tune, bf16 compute ---------------------------------
   c.model.init = "pretrained"
@@ -108,6 +109,7 @@ def paper_config(dataset: str) -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.scan_layers = True
   c.model.remat_policy = "full"
+  c.model.tokenizer = "base"     # LLaMA's own tokenizer (from hf_dir)
   c.model.lora.rank = 0
 
   # --- fine-tuning --------------------------------------------------------------------
@@ -124,6 +126,7 @@ def paper_config(dataset: str) -> ml_collections.ConfigDict:
   c.train.weight_decay = 0.01
   c.train.max_grad_norm = 1.0
   c.train.compute_dtype = "bfloat16"
+  c.train.max_label_tokens = 64   # label slots per example (codes + EOS; titles <= 64)
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 2
   c.train.eval_every = 0
@@ -139,6 +142,7 @@ def paper_config(dataset: str) -> ml_collections.ConfigDict:
   # --- evaluation -------------------------------------------------------------------
   c.eval.num_beams = 20
   c.eval.batch_size = 32
+  c.eval.modes = ("trie", "position")  # position = the paper's per-level mask
   c.eval.template_ids = ml_collections.FieldReference(None, field_type=tuple)
   return c
 

@@ -64,8 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
                    "preferenceobtain")
   # Records kept per task, like LC-Rec's --train_data_sample_num (0 = all). ML-100K has
   # 97,171 seqrec/fusionseqrec prefixes, 1,682 items and 943 users.
-  # The quick recipe samples: all items and users, 10k of the 97k seqrec prefixes.
-  c.tasks.sample_nums = (10000, 0, 0, 2000, 0, 0)
+  # The quick recipe samples 12k of the 97k seqrec prefixes (each also trains its ~20
+  # history items, see history_loss_tasks) and a little of every other task.
+  c.tasks.sample_nums = (12000, 1000, 1000, 2000, 500, 500)
   c.tasks.prompt_sample_nums = (1, 1, 1, 1, 1, 1)  # templates rendered per record
   c.tasks.max_history = 20
   c.tasks.preference_from = "history"  # history (items the prompt shows) | train
@@ -75,7 +76,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.tasks.add_bos = None               # None = the tokenizer's add_bos_token
   # History loss (not in LC-Rec): these tasks also learn every history item's code as a
   # next-item target inside the prompt (lcrec_jax/tasks/batching.py). () = off.
-  c.tasks.history_loss_tasks = ml_collections.FieldReference((), field_type=tuple)
+  c.tasks.history_loss_tasks = ml_collections.FieldReference(("seqrec", "fusionseqrec"),
+                                                             field_type=tuple)
 
   # --- language model (lcrec_jax/llm/build.py) ---------------------------------------
   c.model = ml_collections.ConfigDict()
@@ -87,7 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.hf_dir = ""                 # an HF safetensors directory instead of the GGUF
   # base = the GGUF / HF directory's tokenizer; trained = a byte-level BPE learned from the
   # task texts (init = random only; lcrec_jax/llm/bpe.py), tokenizer_vocab tokens + codes.
-  c.model.tokenizer = "base"
+  c.model.tokenizer = "trained"
   c.model.tokenizer_vocab = 2048
   c.model.dtype = "float32"           # compute dtype (bfloat16 on TPU)
   c.model.param_dtype = "float32"
@@ -105,8 +107,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 16             # global examples per optimizer step
   c.train.grad_accum_steps = 1        # micro-batches per step (equal to one big batch)
   c.train.epochs = 1                  # used when num_steps <= 0
-  c.train.num_steps = 400             # > 0 overrides epochs (quick recipe: ~0.4 epoch)
-  c.train.lr = 1e-3
+  c.train.num_steps = 1200            # > 0 overrides epochs (quick recipe: ~1.1 epochs)
+  c.train.lr = 2e-3
   c.train.schedule = "cosine"         # cosine | linear | constant, after linear warmup
   c.train.warmup_steps = 20
   c.train.warmup_ratio = 0.0          # > 0: warmup = ratio x steps (LC-Rec: 0.01)
@@ -118,8 +120,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.max_grad_norm = 1.0         # <= 0: no clipping
   c.train.compute_dtype = "float32"   # float32 | bfloat16 (float32 master weights)
   # label slots per example for the vocab projection (0 = sequence length); LC-Rec
-  # responses here are <= 61 tokens (preferenceobtain), codes are 5 with EOS.
-  c.train.max_label_tokens = 64
+  # responses here are <= 61 tokens (preferenceobtain), codes are 5 with EOS; the history
+  # loss adds up to 100 (20 items x 5). With a 3k vocabulary, every position is cheap.
+  c.train.max_label_tokens = 0
   c.train.checkpoint_every = 100      # steps; also saved at the end and on SIGTERM/preemption
   c.train.keep_checkpoints = 2
   c.train.async_checkpoint = True
@@ -159,7 +162,8 @@ def get_config() -> ml_collections.ConfigDict:
   # The quick recipe takes two to stay within its time budget. Typed, so that
   # --config.eval.template_ids='(0, 3)' or =None can override it.
   c.eval.template_ids = ml_collections.FieldReference((0, 1), field_type=tuple)
-  c.eval.modes = ("trie", "position")  # first = headline numbers; position = LC-Rec's mask
+  # first = headline numbers; add "position" for LC-Rec's per-level mask (doubles eval time)
+  c.eval.modes = ("trie",)
   c.eval.max_users = 0                # 0 = every user; else a seeded sample
   c.eval.quick_users = 128            # users in the trainer's validation HR/NDCG
   c.eval.seed = 0

@@ -25,6 +25,8 @@ def _quick():
 def get_config():
   c = _quick().get_config()
   c.model.init = "pretrained"         # SmolLM2-135M-Instruct GGUF, code rows added
+  c.model.tokenizer = "base"          # the GGUF's own tokenizer (the weights need it)
+  c.train.max_label_tokens = 128      # 49k-token head: only label positions are projected
   c.model.dtype = "bfloat16"          # compute dtype; float32 master weights
   c.train.compute_dtype = "bfloat16"
   c.tasks.sample_nums = (0, 0, 0, 0, 0, 0)   # every example (~200k)
@@ -36,4 +38,5 @@ def get_config():
   c.train.checkpoint_every = 500
   c.train.eval_every = 1000
   c.eval.template_ids = None          # every seqrec template: mean/min/max as LC-Rec
+  c.eval.modes = ("trie", "position")  # also LC-Rec's per-level mask
   return c
