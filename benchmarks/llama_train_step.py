@@ -14,6 +14,8 @@ The first losses of both sides are compared before timing. Timings alternate in 
 so load from other processes hits both alike; medians are reported as tokens/s and
 the ratio ours / torch (> 1 means ours is faster).
 
+XLA:CPU runs with `lcrec_jax/cpu_flags.py`'s recommended flags unless `--no-cpu_flags`.
+
   python benchmarks/llama_train_step.py --modes=full,lora --batch=2 --length=64
 """
 
@@ -54,10 +56,17 @@ def _parse() -> argparse.Namespace:
   p.add_argument("--blocks", type=int, default=2, help="alternating timing blocks")
   p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
   p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+  p.add_argument("--cpu_flags", action=argparse.BooleanOptionalAction, default=True,
+                 help="append lcrec_jax.cpu_flags.RECOMMENDED to XLA_FLAGS (as "
+                      "lcrec_jax.main does on CPU); --no-cpu_flags: XLA:CPU defaults")
   return p.parse_args()
 
 
 ARGS = _parse()
+if ARGS.cpu_flags:
+  from lcrec_jax import cpu_flags  # before jax: XLA reads XLA_FLAGS once
+
+  cpu_flags.apply_recommended(force=True)
 os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:ARGS.threads])
 
 import jax  # noqa: E402
@@ -209,6 +218,7 @@ def main() -> None:
   print(f"{name}, {cfg.num_hidden_layers} layers, float32, batch "
         f"{ARGS.batch} x {ARGS.length} tokens, threads={ARGS.threads}, clock={ARGS.clock}, "
         f"remat={ARGS.remat}, scan={ARGS.scan}, label_tokens={ARGS.label_tokens or 'all'}, jax {jax.__version__}, torch {torch.__version__}")
+  print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   print(f"{'mode':>5} {'trainable':>10} {'ours tok/s':>10} {'torch tok/s':>11} "
         f"{'ours/torch':>10} {'compile s':>9} {'loss ours':>9} {'loss torch':>10}")
   for mode in ARGS.modes.split(","):

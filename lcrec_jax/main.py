@@ -21,7 +21,7 @@ from typing import Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lcrec_jax import fs
+from lcrec_jax import cpu_flags, fs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file with get_config().",
                                           lock_config=True)
@@ -107,6 +107,7 @@ def _check_flags(stages: list[str], force: list[str]) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cpu_flags.apply_recommended()  # XLA:CPU flags, before JAX computes anything
   if _CONFIG.value is None:
     raise app.UsageError("--config is required, e.g. --config=configs/ml100k_quick.py")
   if not _WORKDIR.value:
