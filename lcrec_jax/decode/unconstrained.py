@@ -6,12 +6,13 @@ handling (no beam can finish early), no length penalty. One call decodes a batch
 
 1. the (left-padded) prompt is prefilled once per user and only its last position goes
    through the output head (shared with the constrained search);
-2. the first step takes the ``num_beams`` best tokens of that single distribution, then the
-   cache is repeated over ``num_beams`` rows;
+2. the first step takes the ``num_beams`` best tokens of that single distribution; the
+   prompt's cache stays once per user and each beam gets slots for its own generated
+   tokens only (:class:`lcrec_jax.llm.kv_cache.BeamKVCache`, as in the constrained search);
 3. every further step is one iteration of a ``lax.fori_loop``: one token per row through
    the model with the KV cache, log-softmax over the vocabulary, ``top_k`` over the
-   ``[batch, beams * vocab]`` candidate totals, and the generated slots of the cache gathered
-   from the parents (the prompt slots are the same for all beams of a user).
+   ``[batch, beams * vocab]`` candidate totals, and the per-beam cache slots gathered from
+   the parents (the prompt part is shared by all beams of a user and never copied).
 
 This is what Hugging Face ``generate(num_beams=W, do_sample=False, length_penalty=0.0)``
 computes when no end-of-sequence token can be produced: scores are sums of the chosen
@@ -26,8 +27,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lcrec_jax.decode.beam_search import _prefill, reorder_beam_cache
-from lcrec_jax.llm.kv_cache import reorder_cache
+from lcrec_jax.decode.beam_search import _prefill
+from lcrec_jax.llm.kv_cache import reorder_beam_kv, split_beam_cache
 from lcrec_jax.llm.model import Llama
 
 
@@ -67,11 +68,10 @@ def beam_search(model: Llama, params: Any, prompt: jax.Array, prompt_mask: jax.A
   if not 1 <= num_beams <= vocab:
     raise ValueError(f"beam_search: num_beams must be in [1, vocab_size={vocab}], "
                      f"got {num_beams}")
-  logp0, cache = _prefill(model, params, prompt, prompt_mask, prompt.shape[1] + num_steps - 1,
-                         lora)
+  logp0, cache = _prefill(model, params, prompt, prompt_mask, prompt.shape[1], lora)
   scores, tok = jax.lax.top_k(logp0, num_beams)                       # [B, W]
   seqs = jnp.zeros((batch, num_beams, num_steps), jnp.int32).at[:, :, 0].set(tok)
-  cache = reorder_cache(cache, jnp.repeat(jnp.arange(batch), num_beams))
+  cache = split_beam_cache(cache, num_beams, max(num_steps - 1, 1))
   row_base = (jnp.arange(batch) * num_beams)[:, None]                 # [B, 1]
 
   def body(step, carry):
@@ -84,7 +84,7 @@ def beam_search(model: Llama, params: Any, prompt: jax.Array, prompt_mask: jax.A
     parent, tok = flat // vocab, (flat % vocab).astype(jnp.int32)
     seqs = jnp.take_along_axis(seqs, parent[..., None], axis=1)
     seqs = jax.lax.dynamic_update_index_in_dim(seqs, tok, step, axis=2)
-    cache = reorder_beam_cache(cache, (parent + row_base).reshape(-1), prompt.shape[1])
+    cache = reorder_beam_kv(cache, (parent + row_base).reshape(-1))
     return scores, seqs, cache
 
   scores, seqs, _ = jax.lax.fori_loop(1, num_steps, body, (scores, seqs, cache))
