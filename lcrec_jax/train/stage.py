@@ -1,8 +1,10 @@
 """The train stage: LC-Rec alignment tuning on the index stage's codes.
 
-Reads ``<workdir>/index/`` (the conflict-free codes), builds the tokenizer with the code
-tokens and the model (``lcrec_jax.llm.build``), the task examples and static-shape
-batches (``lcrec_jax.tasks``), and runs the sharded, resumable trainer
+Reads ``<workdir>/index/`` (the conflict-free codes), builds the task examples, the
+tokenizer with the code tokens (the model's own, or for ``model.tokenizer = "trained"`` a
+BPE learned from those examples and kept in ``<workdir>/train/tokenizer/``) and the model
+(``lcrec_jax.llm.build``), static-shape batches (``lcrec_jax.tasks``; with
+``tasks.history_loss_tasks`` the history codes are labels too), and runs the sharded, resumable trainer
 (``lcrec_jax.train.trainer``: checkpoints under ``<workdir>/train/``). At the end the
 model (LoRA merged) is exported as an HF directory ``<workdir>/model/`` with the
 tokenizer, then ``<workdir>/model/DONE`` is written. With ``DONE`` present the stage is
@@ -65,6 +67,13 @@ def run_train_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
     logging.info("train stage: %s exists, skipping (--force=train to run again)", done)
     return out_dir
   mc = config.model
+  history_tasks = tuple(config.tasks.get("history_loss_tasks", ()) or ())
+  need = (config.tasks.max_history + 1) * (index.num_levels + 1)
+  slots = int(config.train.get("max_label_tokens", 0) or 0)
+  if history_tasks and 0 < slots < need:
+    raise ValueError(f"train.max_label_tokens={slots} cannot hold the labels of the history "
+                     f"loss (tasks.history_loss_tasks={history_tasks}): up to {need} per "
+                     "example; raise it or set 0 (every position)")
   t0 = time.perf_counter()
   examples = _examples(config, dataset, index)
   model, params, tokenizer = build.build_model(
@@ -77,13 +86,6 @@ def run_train_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
                source, cfg.num_params() / 1e6, cfg.vocab_size, len(index.all_tokens()),
                mc.get("tokenizer", "base"))
 
-  history_tasks = tuple(config.tasks.get("history_loss_tasks", ()) or ())
-  need = (config.tasks.max_history + 1) * (index.num_levels + 1)
-  slots = int(config.train.get("max_label_tokens", 0) or 0)
-  if history_tasks and 0 < slots < need:
-    raise ValueError(f"train.max_label_tokens={slots} cannot hold the labels of the history "
-                     f"loss (tasks.history_loss_tasks={history_tasks}): up to {need} per "
-                     "example; raise it or set 0 (every position)")
   code_ids = tokenizer.code_token_ids(index).ravel() if history_tasks else None
   batcher = batching.Batcher(examples, tokenizer, batch_size=config.train.batch_size,
                              buckets=config.tasks.buckets, add_bos=config.tasks.add_bos,
