@@ -29,10 +29,9 @@ v5e-64: 64 chips of 16 GiB -> fsdp=64, or data=2,fsdp=32); check with
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import ml_collections
+
+from lcrec_jax.recipes import sibling
 
 # The paper's datasets -> fusionseqrec's --train_data_sample_num in LC-Rec's run.sh.
 FUSIONSEQREC_SAMPLES = {"Instruments": 20000, "Arts": 30000, "Games": 100000}
@@ -46,11 +45,7 @@ PEAK_BF16_FLOPS_V4 = 275e12  # per v4 chip (2 TensorCores), bf16
 
 def _quick_config() -> ml_collections.ConfigDict:
   """configs/ml100k_quick.py's config: every section and field the pipeline reads."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ml100k_quick.py")
-  spec = importlib.util.spec_from_file_location("_lcrec_quick_recipe", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return sibling(__file__, "ml100k_quick.py").get_config()
 
 
 def paper_config(dataset: str) -> ml_collections.ConfigDict:

@@ -8,18 +8,13 @@ Everything but the dataset and fusionseqrec's sample count
 (Arts: 30,000) is shared: see configs/_lcrec_paper.py.
 """
 
-import importlib.util
-import os
+from lcrec_jax.recipes import sibling
 
 import ml_collections
 
 
 def _paper():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lcrec_paper.py")
-  spec = importlib.util.spec_from_file_location("_lcrec_paper", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return sibling(__file__, "_lcrec_paper.py")
 
 
 def get_config() -> ml_collections.ConfigDict:

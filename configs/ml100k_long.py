@@ -7,17 +7,11 @@ including the index, is the same, so it can reuse a quick run's workdir index:
   python -m lcrec_jax.main --config=configs/ml100k_long.py --workdir=runs/ml100k_long
 """
 
-import importlib.util
-import os
+from lcrec_jax.recipes import sibling
 
 
 def _quick():
-  """configs/ml100k_quick.py, loaded by path so any working directory works."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ml100k_quick.py")
-  spec = importlib.util.spec_from_file_location("_ml100k_quick", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return sibling(__file__, "ml100k_quick.py")
 
 
 def get_config():

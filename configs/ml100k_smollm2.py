@@ -9,17 +9,11 @@ tasks, 3 epochs. Full fine-tune by default; LoRA with --config.model.lora.rank=1
       --config.model.lora.rank=16 --config.train.lr=5e-4
 """
 
-import importlib.util
-import os
+from lcrec_jax.recipes import sibling
 
 
 def _quick():
-  """configs/ml100k_quick.py, loaded by path so any working directory works."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ml100k_quick.py")
-  spec = importlib.util.spec_from_file_location("_ml100k_quick", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return sibling(__file__, "ml100k_quick.py")
 
 
 def get_config():
