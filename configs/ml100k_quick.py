@@ -98,7 +98,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.lora = ml_collections.ConfigDict()
   c.model.lora.rank = 0               # > 0: LoRA adapters instead of a full fine-tune
   c.model.lora.alpha = 16.0
-  c.model.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")
+  # projections that get adapters (lcrec_jax/llm/lora.py TARGETS; LC-Rec adapts all seven)
+  c.model.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                          "down_proj")
   c.model.lora.train_embeddings = True  # LC-Rec's variant also trains embeddings and head
 
   # --- fine-tuning (lcrec_jax/train) --------------------------------------------------

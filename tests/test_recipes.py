@@ -13,6 +13,7 @@ import pathlib
 import pytest
 
 from lcrec_jax.eval.evaluate import MODES, EvalSettings
+from lcrec_jax.llm.lora import TARGETS as LORA_TARGETS
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 RECIPES = sorted(p for p in CONFIGS.glob("*.py") if not p.name.startswith("_")
@@ -44,5 +45,20 @@ def test_recipe_fields_agree(path):
   slots = int(c.train.max_label_tokens)
   if history and slots > 0:  # the train stage's rule: (max_history + 1) x (levels + 1)
     assert slots >= (c.tasks.max_history + 1) * (c.rqvae.num_levels + 1)
+  # LoRA is one flag away (--config.model.lora.rank=16): its targets must be real names
+  assert c.model.lora.targets and set(c.model.lora.targets) <= set(LORA_TARGETS)
   st = EvalSettings.from_config(c.eval)
   assert set(st.modes) <= set(MODES) and st.num_beams >= 10
+
+
+def test_train_stage_names_a_bad_lora_target_before_any_work(tmp_path):
+  """A wrong adapter name fails at once, naming the field and the valid names."""
+  from types import SimpleNamespace
+
+  from lcrec_jax.train.stage import run_train_stage
+  c = _load(CONFIGS / "ml100k_quick.py")
+  c.model.lora.rank = 4
+  c.model.lora.targets = ("q", "v_proj")
+  with pytest.raises(ValueError, match=r"model\.lora\.targets.*\['q'\].*q_proj"):
+    run_train_stage(c, str(tmp_path), dataset=None, index=SimpleNamespace(num_levels=4))
+  assert not any(tmp_path.iterdir())  # nothing written

@@ -74,6 +74,12 @@ def run_train_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
     raise ValueError(f"train.max_label_tokens={slots} cannot hold the labels of the history "
                      f"loss (tasks.history_loss_tasks={history_tasks}): up to {need} per "
                      "example; raise it or set 0 (every position)")
+  lc = mc.get("lora", None)
+  if lc is not None and lc.rank > 0:
+    bad = sorted(set(lc.targets) - set(lora_lib.TARGETS))
+    if bad or not lc.targets:
+      raise ValueError(f"model.lora.targets={tuple(lc.targets)}: {bad or 'empty'}; "
+                       f"choose from {lora_lib.TARGETS}")
   t0 = time.perf_counter()
   examples = _examples(config, dataset, index)
   model, params, tokenizer = build.build_model(
@@ -100,7 +106,6 @@ def run_train_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
   seed = config.seed
   pi, pc = jax.process_index(), jax.process_count()
   train_params, mask, tail = params, None, None
-  lc = mc.get("lora", None)
   if lc is not None and lc.rank > 0:
     adapters = lora_lib.init_lora(jax.random.PRNGKey(seed + 1), params, cfg, rank=lc.rank,
                                   alpha=lc.alpha, targets=tuple(lc.targets))
