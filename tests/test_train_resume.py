@@ -182,3 +182,24 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(model_and_params, tmp_pat
   ckpts = ckpt_lib.Checkpointer(os.path.join(tmp_path, "train", "checkpoints"))
   assert max(ckpts.all_steps()) == last_good
   ckpts.close()
+
+
+def test_progress_log_lines_without_a_terminal(monkeypatch, caplog):
+  """With no tqdm bar, a line every `every_s` seconds and one at the last step, with ETA."""
+  import logging
+  from types import SimpleNamespace
+  now = [0.0]
+  monkeypatch.setattr(trainer_lib, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+  caplog.set_level(logging.INFO)
+  prog = trainer_lib._ProgressLog(num_steps=10, step=0, every_s=60.0, enabled=True)
+  off = trainer_lib._ProgressLog(num_steps=10, step=0, every_s=60.0, enabled=False)
+  for step in range(1, 11):
+    now[0] += 20.0  # 20 s per step: a line every 3 steps, then the last
+    prog.update(step, loss=1.0 / step)
+    off.update(step, loss=1.0)
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train: step")]
+  assert lines == [
+      "train: step 3/10 (30%), loss 0.3333, 20.00 s/step, 2 min 20 s left",
+      "train: step 6/10 (60%), loss 0.1667, 20.00 s/step, 1 min 20 s left",
+      "train: step 9/10 (90%), loss 0.1111, 20.00 s/step, 0 min 20 s left",
+      "train: step 10/10 (100%), loss 0.1000, 20.00 s/step, 0 min 00 s left"]

@@ -105,6 +105,7 @@ def default_train_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 2
   t.async_checkpoint = True
   t.log_every = 1               # steps between metrics.jsonl lines
+  t.progress_log_s = 60.0       # seconds between progress log lines when stderr is no terminal
   t.eval_every = 0              # steps between validations; 0 = only at the end
   t.peak_flops_per_device = 0.0 # for MFU; e.g. 197e12 TPU v4 bf16, 989e12 H100 bf16; 0 = no MFU
   t.distributed = False         # call jax.distributed.initialize() (multi-host)
@@ -153,6 +154,30 @@ def _check_batch(batch: Batch, batch_size: int, max_label_tokens: int, step: int
       raise ValueError(
           f"train: an example at step {step} has {per_example.max()} label tokens, more than "
           f"train.max_label_tokens={max_label_tokens}; raise it (0 = sequence length)")
+
+
+class _ProgressLog:
+  """A log line every `every_s` seconds (step, loss, s/step, time left) when no bar shows.
+
+  The tqdm bar is only drawn on a terminal; runs whose stderr goes to a file (a pod's
+  worker, a notebook's subprocess, `nohup`) would otherwise log nothing between the start
+  and the end of training.
+  """
+
+  def __init__(self, num_steps: int, step: int, every_s: float, enabled: bool):
+    self.num_steps, self.every_s, self.enabled = num_steps, every_s, enabled
+    self.t_last, self.step_last = time.perf_counter(), step
+
+  def update(self, step: int, loss: float) -> None:
+    now = time.perf_counter()
+    if not self.enabled or (now - self.t_last < self.every_s and step < self.num_steps):
+      return
+    per_step = (now - self.t_last) / max(step - self.step_last, 1)
+    left = per_step * (self.num_steps - step)
+    logging.info("train: step %d/%d (%.0f%%), loss %.4f, %.2f s/step, %d min %02d s left",
+                 step, self.num_steps, 100.0 * step / self.num_steps, loss, per_step,
+                 left // 60, left % 60)
+    self.t_last, self.step_last = now, step
 
 
 def _ckpt_tree(state: state_lib.TrainState) -> dict[str, Any]:
@@ -305,8 +330,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
 
   ckpt.install_sigterm_handler()
   stopped_early = False
+  show_bar = is_main and sys.stderr.isatty()
   bar = tqdm.tqdm(total=num_steps, initial=step, desc="train", dynamic_ncols=True,
-                  disable=not (is_main and sys.stderr.isatty()))
+                  disable=not show_bar)
+  progress = _ProgressLog(num_steps, step, every_s=float(tc.get("progress_log_s", 60.0)),
+                          enabled=is_main and not show_bar)
   try:
     while step < num_steps and not stopped_early:
       source = itertools.islice(iter(batches(epoch, pos)), steps_per_epoch - pos)
@@ -347,6 +375,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
           postfix["mfu"] = f"{util:.1%}"
         bar.set_postfix(postfix, refresh=False)
         bar.update(1)
+        progress.update(step, m["loss"])
         if step_hook is not None:
           step_hook(step, m)
 
