@@ -7,6 +7,9 @@ tasks, 3 epochs. Full fine-tune by default; LoRA with --config.model.lora.rank=1
   python -m lcrec_jax.main --config=configs/ml100k_smollm2.py --workdir=runs/ml100k_smollm2
   python -m lcrec_jax.main --config=configs/ml100k_smollm2.py --workdir=runs/ml100k_lora \
       --config.model.lora.rank=16 --config.train.lr=5e-4
+
+On a 2-core CPU one step at batch 8 takes ~12 s, so the whole recipe needs an accelerator;
+BENCHMARKS.md ("Recommendation quality") has a 400-step CPU cut of it and its numbers.
 """
 
 from lcrec_jax.recipes import sibling
