@@ -57,6 +57,15 @@ def _unbox(x):
   return getattr(x, "value", x)
 
 
+def check_targets(targets: Iterable[str], name: str = "lora targets") -> tuple[str, ...]:
+  """`targets` as a tuple; ValueError (naming `name`) unless a non-empty subset of TARGETS."""
+  targets = tuple(targets)
+  bad = [t for t in targets if t not in TARGETS]
+  if bad or not targets:
+    raise ValueError(f"{name}={targets}: {bad or 'empty'}; choose from {TARGETS}")
+  return targets
+
+
 def init_lora(key: jax.Array, params: Mapping[str, Any], cfg: LlamaConfig, rank: int = 8,
               alpha: float = 16.0, targets: Iterable[str] = ("q_proj", "v_proj"),
               dtype: Any = None) -> LoraParams:
@@ -80,10 +89,7 @@ def init_lora(key: jax.Array, params: Mapping[str, Any], cfg: LlamaConfig, rank:
   Raises:
     ValueError: an unknown target name, a non-positive rank, or a target not in params.
   """
-  targets = tuple(targets)
-  bad = [t for t in targets if t not in TARGETS]
-  if bad or not targets:
-    raise ValueError(f"lora targets {bad or targets} not a non-empty subset of {TARGETS}")
+  targets = check_targets(targets)
   if rank <= 0:
     raise ValueError(f"lora rank must be positive, got {rank}")
   dtype = jnp.dtype(dtype or cfg.weight_dtype)

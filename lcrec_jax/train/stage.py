@@ -76,10 +76,7 @@ def run_train_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
                      "example; raise it or set 0 (every position)")
   lc = mc.get("lora", None)
   if lc is not None and lc.rank > 0:
-    bad = sorted(set(lc.targets) - set(lora_lib.TARGETS))
-    if bad or not lc.targets:
-      raise ValueError(f"model.lora.targets={tuple(lc.targets)}: {bad or 'empty'}; "
-                       f"choose from {lora_lib.TARGETS}")
+    lora_lib.check_targets(lc.targets, name="model.lora.targets")  # before any work
   t0 = time.perf_counter()
   examples = _examples(config, dataset, index)
   model, params, tokenizer = build.build_model(
