@@ -194,12 +194,11 @@ def test_progress_log_lines_without_a_terminal(monkeypatch, caplog):
   prog = trainer_lib._ProgressLog(num_steps=10, step=0, every_s=60.0, enabled=True)
   off = trainer_lib._ProgressLog(num_steps=10, step=0, every_s=60.0, enabled=False)
   for step in range(1, 11):
-    now[0] += 20.0  # 20 s per step: a line every 3 steps, then the last
+    now[0] += 100.0 if step == 1 else 20.0  # the first step compiles: not in s/step
     prog.update(step, loss=1.0 / step)
     off.update(step, loss=1.0)
   lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train: step")]
   assert lines == [
-      "train: step 3/10 (30%), loss 0.3333, 20.00 s/step, 2 min 20 s left",
-      "train: step 6/10 (60%), loss 0.1667, 20.00 s/step, 1 min 20 s left",
-      "train: step 9/10 (90%), loss 0.1111, 20.00 s/step, 0 min 20 s left",
+      "train: step 4/10 (40%), loss 0.2500, 20.00 s/step, 2 min 00 s left",
+      "train: step 7/10 (70%), loss 0.1429, 20.00 s/step, 1 min 00 s left",
       "train: step 10/10 (100%), loss 0.1000, 20.00 s/step, 0 min 00 s left"]

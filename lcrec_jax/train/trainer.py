@@ -167,9 +167,13 @@ class _ProgressLog:
   def __init__(self, num_steps: int, step: int, every_s: float, enabled: bool):
     self.num_steps, self.every_s, self.enabled = num_steps, every_s, enabled
     self.t_last, self.step_last = time.perf_counter(), step
+    self.timed = False  # the first step (compiles) is left out of s/step
 
   def update(self, step: int, loss: float) -> None:
     now = time.perf_counter()
+    if not self.timed and step < self.num_steps:
+      self.t_last, self.step_last, self.timed = now, step, True
+      return
     if not self.enabled or (now - self.t_last < self.every_s and step < self.num_steps):
       return
     per_step = (now - self.t_last) / max(step - self.step_last, 1)
