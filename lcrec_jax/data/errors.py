@@ -6,8 +6,10 @@ bad row can be found with ``sed -n <line>p <file>``.
 
 from __future__ import annotations
 
+from lcrec_jax.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
   """Input data that the loaders refuse to interpret (malformed row, bad encoding, ...).
 
   Attributes:
