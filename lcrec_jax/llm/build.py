@@ -121,5 +121,6 @@ def build_model(mc: ml_collections.ConfigDict, index: ItemIndex, seed: int,
 
 
 def model_dir(workdir: str) -> str:
-  """``<workdir>/model``, the exported HF directory (local or ``gs://``)."""
-  return fs.join(workdir, "model")
+  """``<workdir>/model``, the exported HF directory (layout: :mod:`lcrec_jax.workdir`)."""
+  from lcrec_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  return workdir_lib.model_dir(workdir)
