@@ -152,9 +152,12 @@ def main(argv):
   # The whole config is checked before any work: a bad value costs seconds, not a run.
   config = spec.validate(_CONFIG.value, num_devices=jax.device_count(), stages=stages)
   fs.check_backend(workdir)
-  if fs.exists(workdir) and not fs.isdir(workdir):
-    raise WorkdirError(f"--workdir={workdir} exists and is not a directory")
-  fs.makedirs(workdir)
+  try:
+    if fs.exists(workdir) and not fs.isdir(workdir):
+      raise WorkdirError(f"--workdir={workdir} exists and is not a directory")
+    fs.makedirs(workdir)
+  except OSError as e:
+    raise WorkdirError(f"--workdir={workdir} cannot be created: {e}") from None
   # absl writes its log file with local file calls: a gs:// workdir gets a local log
   # directory, copied to <workdir>/logs/ at the end.
   log_dir = tempfile.mkdtemp(prefix="lcrec-log-") if fs.is_remote(workdir) else workdir

@@ -182,6 +182,8 @@ def _outputs(workdir: str, stage: str) -> dict[str, str]:
 def write_manifest(workdir: str, stage: str, flat_config: Mapping[str, Any],
                    finished: bool) -> None:
   """Writes ``<stage dir>/MANIFEST.json`` (process 0): inputs, and outputs once finished."""
+  if not fs.is_primary():  # one writer; the others need not hash the outputs
+    return
   m = {"stage": stage, "format": FORMAT, "reads": reads(stage, flat_config),
        "upstream": _upstream_hashes(workdir, stage)}
   if finished:

@@ -160,3 +160,16 @@ def test_main_rejects_a_recipe_key_nothing_reads(tmp_path):
   proc, seconds = _main(tmp_path, recipe=str(recipe))
   assert proc.returncode != 0 and seconds < 60
   assert "tasks.eval_template_ids" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_main_refuses_a_workdir_it_cannot_create(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  t0 = time.perf_counter()
+  proc = subprocess.run(
+      [sys.executable, "-m", "lcrec_jax.main", "--config=configs/ml100k_quick.py",
+       f"--workdir={blocker / 'run'}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120,
+      env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode != 0 and time.perf_counter() - t0 < 60
+  assert "cannot be created" in proc.stderr and "WorkdirError" in proc.stderr
