@@ -237,6 +237,22 @@ def section(name: str) -> ml_collections.ConfigDict:
   return defaults()[name]
 
 
+def get(section: Any, key: str) -> Any:
+  """The value of ``key`` (dotted, e.g. ``"model.tokenizer"``) in ``section``, the config
+  section that holds its leaf (a ConfigDict, dict or object), else the declared default.
+
+  For library code that accepts a partial section (tests, notebooks); ``main`` passes a
+  resolved config that holds every key.
+  """
+  leaf = key.rpartition(".")[2]
+  if isinstance(section, (Mapping, ml_collections.ConfigDict)):
+    if leaf in section:
+      return section[leaf]
+  elif section is not None and hasattr(section, leaf):
+    return getattr(section, leaf)
+  return BY_NAME[key].default
+
+
 def _leaves(c: Any, prefix: str = "") -> dict[str, Any]:
   """``{dotted key: value}`` of every leaf; a declared mapping is one leaf."""
   out = {}
