@@ -94,7 +94,7 @@ KEYS: tuple[Key, ...] = (
     # --- data
     Key("data.format", "movielens", str, ("movielens", "recbole", "lcrec")),
     Key("data.path", "", str, doc='dataset directory; "" = the recbole wheel\'s ml-100k'),
-    Key("data.name", "ml-100k", str, doc="file stem for recbole / lcrec formats"),
+    Key("data.name", "", str, doc="file stem for recbole / lcrec formats"),
     Key("data.on_empty_title", "error", str, ("error", "skip")),
     Key("data.title_field", None, str, nullable=True, doc="recbole: the .item title column"),
     # --- item embeddings
@@ -345,6 +345,8 @@ def _check_paths(c: ml_collections.ConfigDict, stages: Sequence[str]) -> None:
   """Input files of the stages that run exist (local paths; ``gs://`` is not checked)."""
   if c.data.format != "movielens" and not c.data.path:
     raise _fail("data.path", "", f"data.format={c.data.format!r} needs the dataset directory")
+  if c.data.format != "movielens" and not c.data.name:
+    raise _fail("data.name", "", f"data.format={c.data.format!r} needs the file stem")
   checks = [("data.path", c.data.path)]
   if "index" in stages:
     if c.embed.encoder == "npy" and not c.embed.npy_path:
