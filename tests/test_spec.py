@@ -173,3 +173,13 @@ def test_main_refuses_a_workdir_it_cannot_create(tmp_path):
       env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
   assert proc.returncode != 0 and time.perf_counter() - t0 < 60
   assert "cannot be created" in proc.stderr and "WorkdirError" in proc.stderr
+
+
+def test_file_formats_need_a_directory_and_a_stem(tmp_path):
+  c = _broken("data.format", "lcrec")
+  c.data.path = ""
+  with pytest.raises(ConfigError, match="data.path"):
+    spec.validate(c, stages=("index",))
+  c.data.path, c.data.name = str(tmp_path), ""
+  with pytest.raises(ConfigError, match="data.name"):
+    spec.validate(c, stages=("index",))
