@@ -14,7 +14,7 @@ Each stage also writes ``<stage dir>/MANIFEST.json`` (stage dirs: ``index/``, ``
 ``eval/``, ``baselines/``)::
 
   {"stage": "train", "format": 1,
-   "reads": {"train.lr": 0.002, ...},        the config fields the stage reads (READS)
+   "reads": {"train.lr": 0.002, ...},        config fields the stage reads (READS, NO_EFFECT)
    "upstream": {"index": "sha256:..."},      hashes of the upstream stages' manifests
    "outputs": {"DONE": "sha256:...", ...},   content hashes of its own outputs
    "finished": "2026-11-30 05:40:12"}
@@ -63,22 +63,21 @@ _OUTPUTS = {"index": ("index.json", "report.json"),
             "train": ("DONE", "config.json", "model.safetensors"),
             "eval": ("results.json",), "baseline": ("results.json",)}
 _HASH_LIMIT = 1 << 28
-# Config fields each stage reads that decide its outputs ("x." = the whole section).
-# Fields that only change logging, checkpoint cadence or sharding are left out, so that
-# changing them reuses the stage.
+# Config fields each stage reads ("x." = the whole section, so a key added to a section
+# counts unless listed in NO_EFFECT).
 READS: dict[str, tuple[str, ...]] = {
     "index": ("seed", "data.", "embed.", "rqvae.", "index."),
-    "train": ("seed", "data.", "tasks.", "model.", "train.seed", "train.batch_size",
-              "train.grad_accum_steps", "train.epochs", "train.num_steps", "train.lr",
-              "train.schedule", "train.warmup_steps", "train.warmup_ratio",
-              "train.end_lr_ratio", "train.b1", "train.b2", "train.eps",
-              "train.weight_decay", "train.max_grad_norm", "train.compute_dtype",
-              "train.max_label_tokens"),
-    "eval": ("data.", "tasks.max_history", "tasks.buckets", "tasks.add_bos",
-             "eval.num_beams", "eval.batch_size", "eval.splits", "eval.template_ids",
-             "eval.modes", "eval.max_users", "eval.seed"),
+    "train": ("seed", "data.", "tasks.", "model.", "train."),
+    "eval": ("data.", "tasks.max_history", "tasks.buckets", "tasks.add_bos", "eval."),
     "baseline": ("seed", "data.", "baseline."),
 }
+# Fields that change only logging, checkpoint cadence, monitoring or sharding, not a
+# stage's outputs: changing them reuses the stage.
+NO_EFFECT = frozenset((
+    "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoint",
+    "train.log_every", "train.progress_log_s", "train.eval_every",
+    "train.peak_flops_per_device", "train.distributed", "train.tensorboard",
+    "train.valid_users", "eval.quick_users", "eval.shard"))
 
 
 def absolute(workdir: str) -> str:
@@ -131,8 +130,8 @@ def _jsonable(x: Any) -> Any:
 def reads(stage: str, flat_config: Mapping[str, Any]) -> dict[str, Any]:
   """``{field: value}`` of the config fields ``stage`` reads (see READS)."""
   pats = READS[stage]
-  keep = {k: v for k, v in flat_config.items()
-          if any(k == p or (p.endswith(".") and k.startswith(p)) for p in pats)}
+  keep = {k: v for k, v in flat_config.items() if k not in NO_EFFECT
+          and any(k == p or (p.endswith(".") and k.startswith(p)) for p in pats)}
   return _jsonable(dict(sorted(keep.items())))
 
 
