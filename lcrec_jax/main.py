@@ -117,14 +117,14 @@ def _check_flags(stages: list[str], force: list[str]) -> None:
                       hint="a forced stage must also be run; add it to --stages")
 
 
-def _run_step(pipeline: Pipeline, step, flat_config: dict) -> None:
+def _run_step(pipeline: Pipeline, step: workdir_lib.Step, flat_config: dict) -> None:
   """Runs or reuses one stage as the plan says, with its MANIFEST.json around it."""
   workdir = pipeline.workdir
   if step.run:
     if step.fresh:
       workdir_lib.clear_stage(workdir, step.stage)
     workdir_lib.write_manifest(workdir, step.stage, flat_config, finished=False)
-  elif "MANIFEST" in step.reason:
+  elif step.unchecked:
     logging.warning("stage %s: %s", step.stage, step.reason)
   STAGES[step.stage](pipeline, step.run)
   if step.run:
@@ -178,8 +178,6 @@ def main(argv):
   try:
     with quiet_orbax():
       for step in steps:
-        if step.stage not in stages:
-          continue
         t0 = time.perf_counter()
         logging.info("== stage %s (%s)", step.stage, "run" if step.run else "reuse")
         _run_step(pipeline, step, flat)

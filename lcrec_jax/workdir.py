@@ -214,11 +214,15 @@ def _changes(workdir: str, stage: str, manifest: Mapping[str, Any],
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-  """One stage's decision: run it (from scratch or resuming) or reuse its outputs."""
+  """One stage's decision: run it (from scratch or resuming) or reuse its outputs.
+
+  ``unchecked``: reused without a manifest (an older workdir): its inputs are unknown.
+  """
   stage: str
   run: bool
   fresh: bool
   reason: str
+  unchecked: bool = False
 
   def line(self) -> str:
     what = ("run from scratch" if self.fresh else "run") if self.run else "reuse"
@@ -265,7 +269,7 @@ def plan(workdir: str, flat_config: Mapping[str, Any], stages: Sequence[str],
     elif manifest is None:
       step = Step(stage, False, False,
                   f"finished, but no MANIFEST.json (an older lcrec-jax): its inputs are not "
-                  f"checked; --force={stage} rebuilds it")
+                  f"checked; --force={stage} rebuilds it", unchecked=True)
     else:
       step = Step(stage, False, False, "finished with the same inputs")
     if step.run:

@@ -136,7 +136,7 @@ def test_workdir_without_manifests_is_reused_with_a_warning(tmp_path):
     _finish(wd, s, flat, manifest=False)
   steps = wl.plan(wd, flat, STAGES, [])
   assert _decisions(steps) == dict.fromkeys(STAGES, "reuse")
-  assert all("no MANIFEST.json" in s.reason for s in steps)
+  assert all("no MANIFEST.json" in s.reason and s.unchecked for s in steps)
   # forcing one rebuilds it and what follows
   assert _decisions(wl.plan(wd, flat, STAGES, ["train"]))["eval"] == "scratch"
 
