@@ -91,7 +91,6 @@ def paper_config(dataset: str) -> ml_collections.ConfigDict:
   # LLaMA tokens: item titles of Amazon data are long; 20 history items with their
   # codes fit in 512, fusionseqrec/itemsearch prompts with titles need more.
   c.tasks.buckets = (256, 512, 768, 1024)
-  c.tasks.eval_template_ids = (0,)
   c.tasks.history_loss_tasks = ()  # the paper trains on responses only
 
   # --- model: LLaMA-7B, full fine-tune, bf16 compute ---------------------------------

@@ -16,13 +16,14 @@ import ml_collections
 from absl import logging
 
 from lcrec_jax import fs
+from lcrec_jax import workdir as workdir_lib
 from lcrec_jax.baselines import popularity, sasrec
 from lcrec_jax.data.dataset import Dataset
 
 
 def run_baseline_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Dataset,
                        force: bool = False) -> dict:
-  path = fs.join(workdir, "baselines", "results.json")
+  path = workdir_lib.baseline_results_path(workdir)
   if fs.exists(path) and not force:
     logging.info("baseline stage: %s exists, skipping", path)
     return fs.read_json(path)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lcrec_jax import spec
 from lcrec_jax.data.dataset import Dataset
 from lcrec_jax.data.lcrec_json import load_lcrec_json
 from lcrec_jax.data.movielens import load_movielens_100k
@@ -25,18 +26,17 @@ from lcrec_jax.data.recbole_atomic import load_recbole_atomic
 FORMATS = ("movielens", "recbole", "lcrec")
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-  if isinstance(cfg, dict):
-    return cfg.get(key, default)
-  return getattr(cfg, key, default)
+def _get(cfg: Any, key: str) -> Any:
+  """``cfg.key`` (ConfigDict, dict or object); the run spec's default when absent."""
+  return spec.get(cfg, f"data.{key}")
 
 
 def load_dataset(cfg: Any) -> Dataset:
   """Load the dataset ``cfg`` (a ``ConfigDict`` or dict: format, path, name) describes."""
   fmt = _get(cfg, "format")
-  path = _get(cfg, "path", "") or ""
-  name = _get(cfg, "name", "") or ""
-  on_empty_title = _get(cfg, "on_empty_title", "error") or "error"
+  path = _get(cfg, "path") or ""
+  name = _get(cfg, "name") or ""
+  on_empty_title = _get(cfg, "on_empty_title") or "error"
   if fmt == "movielens":
     if name and name != "ml-100k":
       raise ValueError(f"config data.name={name!r}: data.format='movielens' loads ml-100k "
@@ -51,5 +51,5 @@ def load_dataset(cfg: Any) -> Dataset:
     raise ValueError(f"config data.name is empty: data.format={fmt!r} needs the file stem")
   if fmt == "recbole":
     return load_recbole_atomic(path, name, on_empty_title=on_empty_title,
-                               title_field=_get(cfg, "title_field", None) or None)
+                               title_field=_get(cfg, "title_field") or None)
   return load_lcrec_json(path, name, on_empty_title=on_empty_title)

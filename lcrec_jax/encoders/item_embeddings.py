@@ -19,17 +19,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lcrec_jax import fs
+from lcrec_jax import fs, spec
 
 ENCODERS = ("minilm", "npy")
 CACHE_VERSION = 1  # bump when the embedding recipe changes
 
 
-def _get(cfg: Any, name: str, default: Any = None) -> Any:
-  """``cfg.name`` for a ConfigDict, dataclass or dict; ``default`` when absent."""
-  if isinstance(cfg, dict):
-    return cfg.get(name, default)
-  return getattr(cfg, name, default)
+def _get(cfg: Any, name: str) -> Any:
+  """``cfg.name`` for a ConfigDict, dataclass or dict; the run spec's default when absent."""
+  return spec.get(cfg, f"embed.{name}")
 
 
 def cache_key(texts: Sequence[str], model_fingerprint: str, max_length: int,
@@ -99,17 +97,17 @@ def item_embeddings(cfg: Any, texts: Sequence[str], cache_dir: str | None = None
   Returns:
     ``[num_items, dim]`` float32.
   """
-  encoder = _get(cfg, "encoder", "minilm")
+  encoder = _get(cfg, "encoder")
   if encoder == "npy":
-    return load_npy_embeddings(_get(cfg, "npy_path", ""), len(texts))
+    return load_npy_embeddings(_get(cfg, "npy_path"), len(texts))
   if encoder != "minilm":
     raise ValueError(f"embed.encoder={encoder!r}, expected one of {ENCODERS}")
 
   from lcrec_jax.encoders import minilm  # jax import only when needed
 
-  model_dir = minilm.resolve_model_dir(_get(cfg, "model_dir", ""))
-  max_length = int(_get(cfg, "max_length", 128))
-  batch_size = int(_get(cfg, "batch_size", 64))
+  model_dir = minilm.resolve_model_dir(_get(cfg, "model_dir"))
+  max_length = int(_get(cfg, "max_length"))
+  batch_size = int(_get(cfg, "batch_size"))
   path = None
   if cache_dir is not None:
     key = cache_key(texts, minilm.model_fingerprint(model_dir), max_length, encoder)

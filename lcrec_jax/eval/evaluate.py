@@ -418,8 +418,9 @@ def validation_hook(model: Llama, tokenizer: Any, dataset: Dataset, index: ItemI
 
 
 def results_path(workdir: str) -> str:
-  """``<workdir>/eval/results.json`` (local or ``gs://``)."""
-  return fs.join(workdir, *RESULTS_FILE.split("/"))
+  """``<workdir>/eval/results.json`` (local or ``gs://``; layout: :mod:`lcrec_jax.workdir`)."""
+  from lcrec_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  return workdir_lib.results_path(workdir)
 
 
 def write_results(results: Mapping[str, Any], workdir: str) -> str:

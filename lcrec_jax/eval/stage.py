@@ -12,6 +12,7 @@ import ml_collections
 from absl import logging
 
 from lcrec_jax import fs
+from lcrec_jax import workdir as workdir_lib
 from lcrec_jax.data.dataset import Dataset
 from lcrec_jax.eval import evaluate as evaluate_lib
 from lcrec_jax.eval import report
@@ -22,7 +23,7 @@ from lcrec_jax.llm.tokenizer import LCRecTokenizer
 
 
 def _baseline_lines(workdir: str) -> list[str]:
-  path = fs.join(workdir, "baselines", "results.json")
+  path = workdir_lib.baseline_results_path(workdir)
   if not fs.exists(path):
     return []
   b = fs.read_json(path)

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from lcrec_jax import fs
+from lcrec_jax import workdir as workdir_lib
 from lcrec_jax.data.dataset import Dataset
 from lcrec_jax.index import assign
 from lcrec_jax.index import report as report_lib
@@ -32,8 +33,8 @@ CHECKPOINT_CHOICES = ("best_collision", "best_loss", "final")
 
 
 def index_paths(workdir: str) -> dict[str, str]:
-  """Paths of the stage's outputs under ``<workdir>/index`` (local or ``gs://``)."""
-  d = fs.join(workdir, "index")
+  """Paths of the stage's outputs under ``<workdir>/index`` (layout: :mod:`lcrec_jax.workdir`)."""
+  d = workdir_lib.index_dir(workdir)
   return {"dir": d, "index": fs.join(d, "index.json"),
           "report": fs.join(d, "report.json"), "plot": fs.join(d, "codes.png"),
           "metrics": fs.join(d, "metrics.jsonl"), "done": fs.join(d, "DONE")}

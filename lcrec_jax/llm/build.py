@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 import jax
 import ml_collections
 
-from lcrec_jax import fs
+from lcrec_jax import fs, spec
 from lcrec_jax.index.item_index import ItemIndex
 from lcrec_jax.llm import config as config_lib
 from lcrec_jax.llm import bpe, convert, gguf_io, safetensors_io, vocab
@@ -52,7 +52,7 @@ def load_tokenizer(mc: ml_collections.ConfigDict,
   ``corpus`` (texts to train on) and ``tokenizer_dir`` (where the trained tokenizer lives)
   are needed for ``tokenizer = "trained"`` only.
   """
-  kind = mc.get("tokenizer", "base")
+  kind = spec.get(mc, "model.tokenizer")
   if kind == "trained":
     if mc.init != "random":
       raise ValueError("model.tokenizer='trained' needs model.init='random': pretrained "
@@ -62,7 +62,7 @@ def load_tokenizer(mc: ml_collections.ConfigDict,
         return LCRecTokenizer.from_dir(local)
     if corpus is None:
       raise ValueError("model.tokenizer='trained' needs the task texts to train on")
-    tok = bpe.train_bpe(corpus(), int(mc.get("tokenizer_vocab", 4096)))
+    tok = bpe.train_bpe(corpus(), int(spec.get(mc, "model.tokenizer_vocab")))
     if tokenizer_dir and fs.is_primary():  # every process trains the same; one writes
       with tempfile.TemporaryDirectory(prefix="lcrec-bpe-") as local:
         tok.save(local)
@@ -72,16 +72,16 @@ def load_tokenizer(mc: ml_collections.ConfigDict,
     return tok
   if kind != "base":
     raise ValueError(f"model.tokenizer must be 'base' or 'trained', got {kind!r}")
-  if mc.get("hf_dir", ""):
+  if spec.get(mc, "model.hf_dir"):
     return LCRecTokenizer.from_dir(mc.hf_dir)
-  return LCRecTokenizer.from_gguf(mc.get("gguf_path", "") or default_gguf_path())
+  return LCRecTokenizer.from_gguf(spec.get(mc, "model.gguf_path") or default_gguf_path())
 
 
 def _numerics(mc) -> dict[str, object]:
   """Model fields the recipe sets whatever the weights: dtypes, layer scan, remat policy."""
-  return {"dtype": mc.get("dtype", "float32"), "param_dtype": mc.get("param_dtype", "float32"),
-          "scan_layers": bool(mc.get("scan_layers", False)),
-          "remat_policy": mc.get("remat_policy", "none")}
+  return {"dtype": spec.get(mc, "model.dtype"), "param_dtype": spec.get(mc, "model.param_dtype"),
+          "scan_layers": bool(spec.get(mc, "model.scan_layers")),
+          "remat_policy": spec.get(mc, "model.remat_policy")}
 
 
 def build_model(mc: ml_collections.ConfigDict, index: ItemIndex, seed: int,
@@ -97,17 +97,17 @@ def build_model(mc: ml_collections.ConfigDict, index: ItemIndex, seed: int,
   tokenizer.add_code_tokens(index.all_tokens())
   vocab_size = tokenizer.vocab_size
   if mc.init == "random":
-    overrides = dict(mc.get("overrides", {}) or {})
+    overrides = dict(spec.get(mc, "model.overrides") or {})
     cfg = config_lib.preset(mc.preset, vocab_size=vocab_size,
                             bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                             pad_token_id=tokenizer.pad_id, **overrides, **_numerics(mc))
     params = init_params(cfg, jax.random.PRNGKey(seed))
   elif mc.init == "pretrained":
-    if mc.get("hf_dir", ""):
+    if spec.get(mc, "model.hf_dir"):
       cfg = safetensors_io.load_hf_config(mc.hf_dir, **_numerics(mc))
       params = safetensors_io.load_hf_dir(mc.hf_dir, cfg)
     else:
-      state_dict, hf_cfg = gguf_io.load_gguf(mc.get("gguf_path", "") or default_gguf_path())
+      state_dict, hf_cfg = gguf_io.load_gguf(spec.get(mc, "model.gguf_path") or default_gguf_path())
       cfg = config_lib.LlamaConfig.from_hf_dict(hf_cfg, **_numerics(mc))
       params = convert.params_from_hf(state_dict, cfg)
     if cfg.vocab_size != base_vocab:
@@ -121,5 +121,6 @@ def build_model(mc: ml_collections.ConfigDict, index: ItemIndex, seed: int,
 
 
 def model_dir(workdir: str) -> str:
-  """``<workdir>/model``, the exported HF directory (local or ``gs://``)."""
-  return fs.join(workdir, "model")
+  """``<workdir>/model``, the exported HF directory (layout: :mod:`lcrec_jax.workdir`)."""
+  from lcrec_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  return workdir_lib.model_dir(workdir)

@@ -82,36 +82,19 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def default_train_config() -> ml_collections.ConfigDict:
-  """The `c.train` section with its defaults (documented field by field)."""
-  t = ml_collections.ConfigDict()
-  t.seed = 0                    # params-independent RNG (dropout) and nothing else
-  t.batch_size = 16             # global examples per optimizer step
-  t.grad_accum_steps = 1        # micro-batches per step (batch_size must divide)
-  t.epochs = 1                  # used when num_steps <= 0
-  t.num_steps = 0               # > 0 overrides epochs
-  t.lr = 1e-3
-  t.schedule = "cosine"         # cosine | linear | constant (after warmup)
-  t.warmup_steps = 10
-  t.warmup_ratio = 0.0          # > 0: warmup = ceil(ratio x num_steps), overrides warmup_steps
-  t.end_lr_ratio = 0.0          # final lr = lr * end_lr_ratio
-  t.b1 = 0.9
-  t.b2 = 0.999
-  t.eps = 1e-8
-  t.weight_decay = 0.01         # matrices only
-  t.max_grad_norm = 1.0         # <= 0: no clipping
-  t.compute_dtype = "float32"   # float32 | bfloat16 (float32 master weights either way)
-  t.max_label_tokens = 0        # label slots per example for the vocab projection; 0 = seq len
-  t.checkpoint_every = 100      # steps
-  t.keep_checkpoints = 2
-  t.async_checkpoint = True
-  t.log_every = 1               # steps between metrics.jsonl lines
-  t.progress_log_s = 60.0       # seconds between progress log lines when stderr is no terminal
-  t.eval_every = 0              # steps between validations; 0 = only at the end
-  t.peak_flops_per_device = 0.0 # for MFU; e.g. 197e12 TPU v4 bf16, 989e12 H100 bf16; 0 = no MFU
-  t.distributed = False         # call jax.distributed.initialize() (multi-host)
-  t.tensorboard = True
-  t.valid_users = 200           # train stage: users in the validation-loss sample; 0 = all
-  return t
+  """The `c.train` section with its defaults (declared, with ranges, in `lcrec_jax.spec`).
+
+  Fields: seed (dropout RNG), batch_size (global examples per optimizer step),
+  grad_accum_steps (micro-batches per step; batch_size must divide), epochs (used when
+  num_steps <= 0), num_steps (> 0 overrides epochs), lr, schedule (cosine | linear |
+  constant, after warmup), warmup_steps, warmup_ratio (> 0: ceil(ratio x num_steps)),
+  end_lr_ratio, b1, b2, eps, weight_decay (matrices only), max_grad_norm (<= 0: none),
+  compute_dtype, max_label_tokens (0 = sequence length), checkpoint_every,
+  keep_checkpoints, async_checkpoint, log_every, progress_log_s, eval_every (0 = at the
+  end), peak_flops_per_device (MFU; 0 = not shown), distributed, tensorboard, valid_users.
+  """
+  from lcrec_jax import spec  # pylint: disable=g-import-not-at-top
+  return spec.section("train")
 
 
 def _model_dims(model: nn.Module) -> tuple[int | None, int | None]:

@@ -1,0 +1,158 @@
+"""The workdir layout and the stage plan (lcrec_jax/workdir.py), on hand-made workdirs.
+
+Finished stages are simulated by their DONE files plus the manifests `main` writes, so
+each decision rule is checked in milliseconds; tests/test_provenance.py runs `main`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from configs.ml100k_quick import get_config
+from lcrec_jax import spec
+from lcrec_jax import workdir as wl
+from lcrec_jax.errors import WorkdirError
+
+
+def _flat(**changes):
+  c = spec.resolve(get_config())
+  for k, v in changes.items():
+    section, leaf = k.split("__")
+    c[section][leaf] = v
+  return spec.flatten(c)
+
+
+def _finish(wd, stage, flat, manifest=True):
+  """What a finished run of `stage` leaves: its DONE file (+ its manifest)."""
+  done = wl.done_path(wd, stage)
+  os.makedirs(os.path.dirname(done), exist_ok=True)
+  with open(done, "w") as f:
+    f.write("{}" if done.endswith(".json") else "")
+  if manifest:
+    wl.write_manifest(wd, stage, flat, finished=True)
+
+
+def _decisions(steps):
+  return {s.stage: ("scratch" if s.fresh else "run") if s.run else "reuse" for s in steps}
+
+
+STAGES = ("index", "train", "eval")
+
+
+def test_layout_is_one_place(tmp_path):
+  wd = str(tmp_path)
+  from lcrec_jax.eval.evaluate import results_path
+  from lcrec_jax.index.stage import index_paths
+  from lcrec_jax.llm.build import model_dir
+  assert index_paths(wd)["done"] == wl.done_path(wd, "index") == f"{wd}/index/DONE"
+  assert model_dir(wd) == wl.model_dir(wd) == f"{wd}/model"
+  assert results_path(wd) == wl.done_path(wd, "eval") == f"{wd}/eval/results.json"
+  assert wl.manifest_path(wd, "train") == f"{wd}/model/MANIFEST.json"
+
+
+def test_absolute(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert wl.absolute("runs/ml100k") == str(tmp_path / "runs" / "ml100k")
+  assert wl.absolute("gs://bucket/runs/x") == "gs://bucket/runs/x"
+  assert os.path.isabs(wl.absolute("~/x"))
+
+
+def test_fresh_workdir_runs_everything(tmp_path):
+  steps = wl.plan(str(tmp_path), _flat(), STAGES, [])
+  assert _decisions(steps) == {"index": "run", "train": "scratch", "eval": "scratch"}
+  assert "upstream index runs" in steps[1].reason
+
+
+def test_unchanged_inputs_reuse_and_each_change_reruns_its_dependents(tmp_path):
+  wd, flat = str(tmp_path), _flat()
+  for s in STAGES:
+    _finish(wd, s, flat)
+  assert _decisions(wl.plan(wd, flat, STAGES, [])) == dict.fromkeys(STAGES, "reuse")
+  # eval field: eval only
+  steps = wl.plan(wd, _flat(eval__seed=3), STAGES, [])
+  assert _decisions(steps) == {"index": "reuse", "train": "reuse", "eval": "scratch"}
+  assert "eval.seed 0 -> 3" in steps[2].reason
+  # train field: train and eval
+  steps = wl.plan(wd, _flat(train__lr=1e-4), STAGES, [])
+  assert _decisions(steps) == {"index": "reuse", "train": "scratch", "eval": "scratch"}
+  # index field: everything
+  steps = wl.plan(wd, _flat(rqvae__epochs=7), STAGES, [])
+  assert _decisions(steps) == {"index": "scratch", "train": "scratch", "eval": "scratch"}
+  # fields no stage's outputs depend on: reused
+  steps = wl.plan(wd, _flat(train__progress_log_s=5.0, eval__shard=False), STAGES, [])
+  assert _decisions(steps) == dict.fromkeys(STAGES, "reuse")
+
+
+def test_force_reruns_the_stage_and_everything_downstream(tmp_path):
+  wd, flat = str(tmp_path), _flat()
+  for s in STAGES:
+    _finish(wd, s, flat)
+  assert _decisions(wl.plan(wd, flat, STAGES, ["index"])) == {
+      "index": "run", "train": "scratch", "eval": "scratch"}
+  assert _decisions(wl.plan(wd, flat, STAGES, ["train"])) == {
+      "index": "reuse", "train": "run", "eval": "scratch"}
+
+
+def test_rebuilt_upstream_makes_downstream_stale(tmp_path):
+  """`--stages=index --force=index` then `--stages=train,eval`: train sees a new index."""
+  wd, flat = str(tmp_path), _flat()
+  for s in STAGES:
+    _finish(wd, s, flat)
+  old = json.load(open(wl.manifest_path(wd, "index")))
+  with open(wl.done_path(wd, "index").replace("DONE", "index.json"), "w") as f:
+    f.write('{"1": ["<a_1>"]}')  # the re-run wrote other codes
+  wl.write_manifest(wd, "index", flat, finished=True)
+  assert json.load(open(wl.manifest_path(wd, "index")))["outputs"] != old.get("outputs")
+  steps = wl.plan(wd, flat, ("train", "eval"), [])
+  assert _decisions(steps) == {"train": "scratch", "eval": "scratch"}
+  assert "upstream index was rebuilt" in steps[0].reason
+
+
+def test_upstream_outside_stages_must_be_current(tmp_path):
+  wd, flat = str(tmp_path), _flat()
+  with pytest.raises(WorkdirError, match="index is not finished"):
+    wl.plan(wd, flat, ("train",), [])
+  for s in STAGES:
+    _finish(wd, s, flat)
+  with pytest.raises(WorkdirError, match=r"train\.lr 0\.002 -> 0\.0001"):
+    wl.plan(wd, _flat(train__lr=1e-4), ("eval",), [])
+
+
+def test_unfinished_stage_with_same_inputs_resumes(tmp_path):
+  wd, flat = str(tmp_path), _flat()
+  _finish(wd, "index", flat)
+  wl.write_manifest(wd, "train", flat, finished=False)  # interrupted training
+  steps = wl.plan(wd, flat, STAGES, [])
+  assert _decisions(steps) == {"index": "reuse", "train": "run", "eval": "scratch"}
+  assert "resumes" in steps[1].reason
+
+
+def test_workdir_without_manifests_is_reused_with_a_warning(tmp_path):
+  wd, flat = str(tmp_path), _flat()
+  for s in STAGES:
+    _finish(wd, s, flat, manifest=False)
+  steps = wl.plan(wd, flat, STAGES, [])
+  assert _decisions(steps) == dict.fromkeys(STAGES, "reuse")
+  assert all("no MANIFEST.json" in s.reason and s.unchecked for s in steps)
+  # forcing one rebuilds it and what follows
+  assert _decisions(wl.plan(wd, flat, STAGES, ["train"]))["eval"] == "scratch"
+
+
+def test_unreadable_manifest_is_refused(tmp_path):
+  wd, flat = str(tmp_path), _flat()
+  _finish(wd, "index", flat)
+  with open(wl.manifest_path(wd, "index"), "w") as f:
+    f.write("{not json")
+  with pytest.raises(WorkdirError, match="MANIFEST.json: unreadable"):
+    wl.plan(wd, flat, STAGES, [])
+
+
+def test_clear_stage_removes_its_directories_only(tmp_path):
+  wd = str(tmp_path)
+  for d in ("index", "train/checkpoints/3", "model", "cache"):
+    os.makedirs(tmp_path / d)
+  wl.clear_stage(wd, "train")
+  assert sorted(os.listdir(tmp_path)) == ["cache", "index"]
