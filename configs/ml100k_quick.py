@@ -18,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.path = ""                # "" = the recbole wheel's ml-100k files
   c.data.name = "ml-100k"         # file stem for recbole / lcrec formats
   c.data.on_empty_title = "error"  # error | skip: item with an empty title
+  c.data.title_field = ""         # recbole format: item title column; "" = the first known one present
 
   # --- item embeddings --------------------------------------------------------------
   c.embed = ml_collections.ConfigDict()

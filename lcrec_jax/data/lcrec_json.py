@@ -217,7 +217,8 @@ def load_lcrec_json(path: str, name: str, *, on_empty_title: str = "error",
     user_text = _read_user_text(_JsonSource(paths["user"], "LC-Rec user file (.user.json)"),
                                 list(sequences), skips)
   stats["user_text_users"] = len(user_text)
-  return assemble(dataset_name or name, items, sequences, skips, stats, user_text=user_text)
+  return assemble(dataset_name or name, items, sequences, skips, stats, user_text=user_text,
+                  source=paths["inter"])
 
 
 def load_lcrec_index(path: str, dataset: Dataset,

@@ -138,7 +138,8 @@ def read_items(item_file: AtomicFile, *, item_field: str = "item_id",
     title_field = next((f for f in TITLE_FIELDS if f in item_file.names), None)
     if title_field is None:
       raise DataError(path, f"no title field: none of {TITLE_FIELDS} in header "
-                      f"{list(item_file.names)}; name one with title_field", line=1)
+                      f"{list(item_file.names)}; name the title column with "
+                      "--config.data.title_field=<column>", line=1)
   title_col = item_file.column(title_field)
   other = [k for k in range(len(item_file.names)) if k not in (id_col, title_col)]
   items, seen, skipped = [], {}, set()
@@ -259,5 +260,6 @@ def load_recbole_atomic(directory: str, name: str, *, title_field: str | None = 
   order = user_order(list(events))
   ordered = {u: events[u] for u in order}
   sequences = dict(zip(order, make_sequences(ordered)))
-  return assemble(dataset_name or name, items, sequences, skips, {**counts, **stats})
+  return assemble(dataset_name or name, items, sequences, skips, {**counts, **stats},
+                  source=inter_path)
 
