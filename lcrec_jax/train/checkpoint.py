@@ -30,7 +30,7 @@ from absl import logging
 from etils import epath
 
 from lcrec_jax import fs
-from lcrec_jax.errors import WorkdirError
+from lcrec_jax.errors import UserError, WorkdirError
 
 
 def _reason(e: BaseException) -> str:
@@ -59,7 +59,8 @@ def restore_newest(manager: ocp.CheckpointManager, directory: str | os.PathLike,
   Args:
     manager: the orbax manager over ``directory``.
     directory: its root (step directories ``<step>/`` inside).
-    restore_fn: ``step -> restored`` (raises on a broken checkpoint).
+    restore_fn: ``step -> restored`` (raises on a broken checkpoint; a
+      :class:`UserError` it raises, such as a config mismatch, is passed on as it is).
     what: how messages name the checkpoints, e.g. ``"train"``.
     is_finite: ``restored -> bool``; a checkpoint with NaN/inf values counts as broken.
 
@@ -77,6 +78,8 @@ def restore_newest(manager: ocp.CheckpointManager, directory: str | os.PathLike,
       out = restore_fn(step)
       if is_finite is not None and not is_finite(out):
         raise FloatingPointError("holds NaN/inf values")
+    except UserError:  # e.g. a checkpoint of another config: not a broken one
+      raise
     except Exception as e:  # orbax/TensorStore errors have no common base class
       failed.append((step, _reason(e)))
       continue
