@@ -52,6 +52,7 @@ from lcrec_jax.data.assemble import SkipLog, assemble, user_order
 from lcrec_jax.data.dataset import Dataset, Item, make_sequences
 from lcrec_jax.data.errors import DataError
 from lcrec_jax.data.source_io import read_text_lines
+from lcrec_jax.errors import ConfigError
 
 FIELD_TYPES = ("token", "token_seq", "float", "float_seq")
 TITLE_FIELDS = ("title", "movie_title", "item_title", "name", "item_name", "book_title")
@@ -128,7 +129,7 @@ def read_items(item_file: AtomicFile, *, item_field: str = "item_id",
     title (only with ``on_empty_title="skip"``).
   """
   if on_empty_title not in EMPTY_TITLE_POLICIES:
-    raise ValueError(f"on_empty_title must be one of {EMPTY_TITLE_POLICIES}, "
+    raise ConfigError(f"data.on_empty_title must be one of {EMPTY_TITLE_POLICIES}, "
                      f"got {on_empty_title!r}")
   skips = skips if skips is not None else SkipLog()
   counts = counts if counts is not None else collections.Counter()
