@@ -16,10 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from lcrec_jax import cli
 from lcrec_jax.decode.unconstrained import beam_search
 from lcrec_jax.llm import build, safetensors_io
 from lcrec_jax.llm.model import Llama
 from lcrec_jax.llm.tokenizer import LCRecTokenizer
+from lcrec_jax.train.finite import check_finite
 
 _PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate.")
@@ -29,9 +31,14 @@ _CHAT = flags.DEFINE_bool("chat", False, "Wrap the prompt in SmolLM2's chat fram
 
 
 def load(gguf: str = "", hf_dir: str = ""):
-  """``(model, params, tokenizer)`` from an HF directory or a GGUF file."""
+  """``(model, params, tokenizer)`` from an HF directory or a GGUF file.
+
+  Raises:
+    lcrec_jax.train.finite.NonFiniteError: the weights hold NaN/inf values.
+  """
   if hf_dir:
     params, cfg = safetensors_io.load_hf_dir(hf_dir)
+    check_finite(params, f"{hf_dir}: params")
     return Llama(cfg), params, LCRecTokenizer.from_dir(hf_dir)
   from lcrec_jax.llm import config as config_lib, convert, gguf_io
   path = gguf or build.default_gguf_path()
@@ -70,4 +77,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "generate")

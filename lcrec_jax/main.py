@@ -196,5 +196,13 @@ def _copy_logs(log_dir: str, dest: str) -> None:
     logging.warning("could not copy the log files of %s to %s: %s", log_dir, dest, e)
 
 
+def _main(argv):
+  """The entry boundary (lcrec_jax.cli): expected errors are one line and exit status 2."""
+  from lcrec_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.check_workdir(_WORKDIR.value)
+  return main(argv)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  from lcrec_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(_main, "main")

@@ -25,13 +25,13 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import sys
 from typing import Any, NamedTuple, Sequence
 
 from absl import app, flags
 import ml_collections
 
-from lcrec_jax import fs
+from lcrec_jax import cli, fs
+from lcrec_jax.errors import UserError
 from lcrec_jax.data.dataset import Dataset, Item
 from lcrec_jax.index.item_index import ItemIndex
 
@@ -40,7 +40,7 @@ FUZZY_CUTOFF = 0.75
 SUGGEST_CUTOFF = 0.45
 
 
-class RecommendError(ValueError):
+class RecommendError(UserError, ValueError):
   """A user-facing problem: bad history, unknown item, unfinished run."""
 
 
@@ -69,6 +69,7 @@ def load_finished_run(workdir: str) -> FinishedRun:
   Raises:
     RecommendError: ``workdir`` is not a run directory, or its index or model is not
       finished (names the missing file and the command that makes it).
+    lcrec_jax.train.finite.NonFiniteError: the exported model holds NaN/inf values.
   """
   paths = run_paths(workdir)
   if not fs.isdir(workdir):
@@ -88,12 +89,14 @@ def load_finished_run(workdir: str) -> FinishedRun:
   from lcrec_jax.llm import safetensors_io  # pylint: disable=g-import-not-at-top
   from lcrec_jax.llm.model import Llama  # pylint: disable=g-import-not-at-top
   from lcrec_jax.llm.tokenizer import LCRecTokenizer  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.train.finite import check_finite  # pylint: disable=g-import-not-at-top
 
   dataset = load_dataset(config.data)
   index = load_index(workdir, dataset)
   with fs.local_copy(paths["model"]) as local:  # gs://: downloaded to a temp dir
     params, model_cfg = safetensors_io.load_hf_dir(local)
     tokenizer = LCRecTokenizer.from_dir(local)
+  check_finite(params, f"{paths['model']}: params")
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise RecommendError(f"{paths['model']}: tokenizer has {tokenizer.vocab_size} tokens but "
                          f"the model only {model_cfg.vocab_size} embedding rows")
@@ -219,6 +222,10 @@ def recommend(run: FinishedRun, history: Sequence[int], k: int = 10, *,
   if template_id is None:
     tids = cfg_eval.get("template_ids", None) if cfg_eval else None
     template_id = int(tids[0]) if tids else 0
+  num_templates = len(prompts.templates("seqrec"))
+  if not 0 <= int(template_id) < num_templates:
+    raise RecommendError(f"--template={template_id}: there are {num_templates} seqrec "
+                         f"templates, numbered 0 to {num_templates - 1}")
   max_history = int(cfg_tasks.get("max_history", 20))
   shown = [int(i) for i in history][-max_history:]
   codes = prompts.HISTORY_SEP.join(run.index.item_code_str(i) for i in shown)
@@ -296,14 +303,10 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
-  try:
-    print(run_command(_WORKDIR.value, _HISTORY.value or "", _K.value, _JSON.value,
-                      template_id=_TEMPLATE.value, mode=_MODE.value,
-                      include_history=_INCLUDE.value))
-  except RecommendError as e:
-    print(f"recommend: error: {e}", file=sys.stderr)
-    sys.exit(2)
+  print(run_command(_WORKDIR.value, _HISTORY.value or "", _K.value, _JSON.value,
+                    template_id=_TEMPLATE.value, mode=_MODE.value,
+                    include_history=_INCLUDE.value))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "recommend")

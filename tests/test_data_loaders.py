@@ -409,3 +409,52 @@ def test_load_dataset_from_config():
   from configs.ml100k_quick import get_config
   d = load_dataset(get_config().data)
   assert (d.num_items, d.num_users) == (1682, 943)
+
+
+# --- failure safety (issue #12) ------------------------------------------------------------
+
+
+def test_header_only_or_all_short_interactions_is_a_data_error_at_load(tmp_path):
+  """An interaction file with no usable user fails at load, naming the file, instead of
+  training dying later on 'no examples to batch'."""
+  with pytest.raises(DataError, match=r"toy\.inter: no usable user: 0 users and 0 "
+                                      r"interactions read"):
+    load_recbole_atomic(_atomic(tmp_path, [], ITEMS), "toy")
+  with pytest.raises(DataError, match=r"toy\.inter: no usable user: 2 users and 4 "):
+    load_recbole_atomic(_atomic(tmp_path, ["1\ti1\t1\t1", "1\ti2\t1\t2",
+                                           "2\ti1\t1\t1", "2\ti3\t1\t2"], ITEMS), "toy")
+  path = _lcrec(tmp_path / "lc", inters={})
+  with pytest.raises(DataError, match=r"Toy\.inter\.json: no usable user"):
+    load_lcrec_json(path, "Toy")
+
+
+def test_missing_title_column_advice_names_a_real_config_field(tmp_path):
+  """The advice names `--config.data.title_field`, and that field exists and works."""
+  from configs.ml100k_quick import get_config
+  path = _atomic(tmp_path, ["1\ti1\t1\t1", "1\ti2\t1\t2", "1\ti3\t1\t3"],
+                 ["i1\tRed\t9.5", "i2\tBlue\t20", "i3\tGreen\t3"],
+                 item_header="item_id:token\tlabel:token\tprice:float\n")
+  cfg = get_config().data
+  cfg.format, cfg.path, cfg.name = "recbole", path, "toy"
+  with pytest.raises(DataError, match=r"--config\.data\.title_field=<column>") as e:
+    load_dataset(cfg)
+  field = str(e.value).split("--config.")[1].split("=")[0]  # "data.title_field"
+  assert field == "data.title_field" and "title_field" in cfg
+  cfg.title_field = "label"
+  d = load_dataset(cfg)
+  assert [it.title for it in d.items] == ["Red", "Blue", "Green"]
+
+
+def test_lcrec_bare_nan_in_item_text_is_refused(tmp_path):
+  """Python's json reads a bare NaN as a float, which became the item text "nan"."""
+  path = _lcrec(tmp_path)
+  with open(os.path.join(path, "Toy.item.json"), "w") as f:
+    f.write('{\n  "0": {"title": "Strings", "description": "NaN \\" NaN"},\n'
+            '  "1": {"title": "Sticks", "brand": NaN},\n'
+            '  "2": {"title": "Capo"},\n  "3": {"title": "Tuner"}\n}\n')
+  with pytest.raises(DataError, match=r"Toy\.item\.json:3: not valid json: bare NaN"):
+    load_lcrec_json(path, "Toy")
+  with open(os.path.join(path, "Toy.item.json"), "w") as f:
+    f.write('{"0": {"title": "Strings", "price": -Infinity}}')
+  with pytest.raises(DataError, match=r"Toy\.item\.json:1: not valid json: bare -Infinity"):
+    load_lcrec_json(path, "Toy")

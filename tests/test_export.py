@@ -85,3 +85,18 @@ def test_bf16_export_loads(tmp_path):
   w = hf.model.layers[0].mlp.down_proj.weight.detach().float().numpy()
   np.testing.assert_allclose(w, np.asarray(params["layers_0"]["mlp"]["down_proj"]["kernel"]).T,
                              rtol=1e-2, atol=1e-3)
+
+
+def test_nonfinite_params_are_not_exported(tmp_path):
+  """A diverged model (an inf LoRA adapter, NaN after merging) is refused; nothing is written."""
+  from lcrec_jax.train.finite import NonFiniteError
+  cfg = tiny(vocab=40, scan_layers=False)
+  params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+  adapters = lora_lib.init_lora(jax.random.PRNGKey(1), params, cfg, rank=2, alpha=4.0,
+                                targets=("q_proj",))
+  adapters = jax.tree.map(lambda x: jnp.full_like(x, jnp.inf), adapters)
+  out = tmp_path / "model"
+  with pytest.raises(NonFiniteError, match=r"export to .*model: params: layers_0/.*q_proj/"
+                                           r"kernel holds \d+ NaN/inf values"):
+    export.export_hf(str(out), params, cfg, lora=adapters)
+  assert not out.exists()

@@ -170,3 +170,41 @@ def test_cli_json_and_error_exit(run, tmp_path):
                         "--history=Toy Story"], capture_output=True, text=True, cwd=REPO,
                        env=env, timeout=300)
   assert bad.returncode == 2 and "not a run directory" in bad.stderr
+
+
+def test_template_out_of_range_is_a_recommend_error(run, matcher):
+  _, finished = run
+  from lcrec_jax.tasks import prompts
+  n = len(prompts.templates("seqrec"))
+  with pytest.raises(rec.RecommendError, match=rf"--template=99: there are {n} seqrec "
+                                               rf"templates, numbered 0 to {n - 1}"):
+    rec.recommend(finished, [matcher.resolve("50")], k=3, template_id=99)
+  with pytest.raises(rec.RecommendError, match="--template=-1"):
+    rec.recommend(finished, [matcher.resolve("50")], k=3, template_id=-1)
+
+
+def test_nonfinite_model_is_refused(tmp_path):
+  """A diverged model (NaN weights) is refused by name instead of recommending nothing."""
+  from lcrec_jax.train.finite import NonFiniteError
+  workdir = str(tmp_path / "nan")
+  _write_run(workdir)
+  model_dir = os.path.join(workdir, "model")
+  params, cfg = safetensors_io.load_hf_dir(model_dir)
+  params = jax.tree.map(np.asarray, params)
+  params["norm"]["scale"] = np.full_like(params["norm"]["scale"], np.nan)
+  safetensors_io.save_hf_dir(params, cfg, model_dir)
+  with pytest.raises(NonFiniteError, match=r"model: params: norm/scale holds 32 NaN/inf "
+                                           r"values \(of 32\)"):
+    rec.load_finished_run(workdir)
+
+
+def test_cli_bad_template_is_one_line_exit_2(run):
+  workdir, _ = run
+  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  out = subprocess.run([sys.executable, "-m", "lcrec_jax.recommend", f"--workdir={workdir}",
+                        "--history=Toy Story", "--template=99"],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+  assert out.returncode == 2 and "Traceback" not in out.stderr
+  assert [l for l in out.stderr.splitlines() if "error" in l] == [
+      l for l in out.stderr.splitlines() if l.startswith("recommend: error: --template=99: ")]

@@ -13,6 +13,7 @@ from absl import logging
 import numpy as np
 
 from lcrec_jax.data.dataset import MIN_INTERACTIONS, Dataset, Item
+from lcrec_jax.data.errors import DataError
 
 _MAX_EXAMPLES = 5
 
@@ -47,7 +48,8 @@ def user_order(user_ids: Sequence[str]) -> list[str]:
 
 def assemble(name: str, items: Sequence[Item], sequences: Mapping[str, np.ndarray],
              skips: SkipLog, stats: Mapping[str, int] | None = None,
-             user_text: Mapping[str, Mapping[str, object]] | None = None) -> Dataset:
+             user_text: Mapping[str, Mapping[str, object]] | None = None,
+             source: str | None = None) -> Dataset:
   """Drop users with too few interactions (counted), then build the :class:`Dataset`.
 
   Args:
@@ -59,12 +61,17 @@ def assemble(name: str, items: Sequence[Item], sequences: Mapping[str, np.ndarra
       ``interactions_of_short_users`` are added here. All kinds go into ``stats``.
     stats: further counts to report (not skips), e.g. ``repeat_interactions``.
     user_text: optional per-user text keyed by external user id.
+    source: the interaction file, named by the error for an empty dataset.
 
   Returns:
     The dataset, with ``stats`` holding every skip count (zeros included for the kinds
     every loader reports), the extra counts, and ``items_without_interactions``
     (catalogue items no kept user interacted with; they stay in the catalogue).
     ``user_text`` of dropped users is dropped with them.
+
+  Raises:
+    DataError: no user is left (an empty or header-only interaction file, or every
+      user below ``MIN_INTERACTIONS``): there is nothing to split, train or evaluate.
   """
   kept_ids, kept_seqs = [], []
   for uid, seq in sequences.items():
@@ -75,6 +82,11 @@ def assemble(name: str, items: Sequence[Item], sequences: Mapping[str, np.ndarra
     kept_ids.append(uid)
     kept_seqs.append(np.asarray(seq, np.int32))
   skips.log(name)
+  if not kept_ids:
+    read = int(sum(len(s) for s in sequences.values()))
+    raise DataError(source or name, f"no usable user: {len(sequences)} users and {read} "
+                    f"interactions read, and a user needs at least {MIN_INTERACTIONS} "
+                    "interactions with known items (leave-one-out split)")
   all_stats = {"users_too_short": 0, "interactions_of_short_users": 0,
                "interactions_unknown_item": 0}
   all_stats.update(skips.counts)

@@ -60,6 +60,7 @@ from lcrec_jax.data.dataset import Dataset, Item
 from lcrec_jax.data.errors import DataError
 from lcrec_jax.data.recbole_atomic import EMPTY_TITLE_POLICIES
 from lcrec_jax.data.source_io import read_json_and_text
+from lcrec_jax.errors import ConfigError
 from lcrec_jax.index.item_index import ItemIndex
 
 SUFFIXES = {"inter": ".inter.json", "item": ".item.json", "index": ".index.json",
@@ -203,7 +204,7 @@ def load_lcrec_json(path: str, name: str, *, on_empty_title: str = "error",
     dataset_name: ``Dataset.name`` (default ``name``).
   """
   if on_empty_title not in EMPTY_TITLE_POLICIES:
-    raise ValueError(f"on_empty_title must be one of {EMPTY_TITLE_POLICIES}, "
+    raise ConfigError(f"data.on_empty_title must be one of {EMPTY_TITLE_POLICIES}, "
                      f"got {on_empty_title!r}")
   paths = lcrec_paths(path, name)
   skips = SkipLog()
@@ -217,7 +218,8 @@ def load_lcrec_json(path: str, name: str, *, on_empty_title: str = "error",
     user_text = _read_user_text(_JsonSource(paths["user"], "LC-Rec user file (.user.json)"),
                                 list(sequences), skips)
   stats["user_text_users"] = len(user_text)
-  return assemble(dataset_name or name, items, sequences, skips, stats, user_text=user_text)
+  return assemble(dataset_name or name, items, sequences, skips, stats, user_text=user_text,
+                  source=paths["inter"])
 
 
 def load_lcrec_index(path: str, dataset: Dataset,

@@ -19,6 +19,7 @@ from typing import Any
 
 from lcrec_jax import spec
 from lcrec_jax.data.dataset import Dataset
+from lcrec_jax.errors import ConfigError
 from lcrec_jax.data.lcrec_json import load_lcrec_json
 from lcrec_jax.data.movielens import load_movielens_100k
 from lcrec_jax.data.recbole_atomic import load_recbole_atomic
@@ -32,23 +33,28 @@ def _get(cfg: Any, key: str) -> Any:
 
 
 def load_dataset(cfg: Any) -> Dataset:
-  """Load the dataset ``cfg`` (a ``ConfigDict`` or dict: format, path, name) describes."""
+  """Load the dataset ``cfg`` (a ``ConfigDict`` or dict: format, path, name) describes.
+
+  Raises:
+    ConfigError: a ``data.*`` field that names no loadable dataset.
+    lcrec_jax.data.errors.DataError: a data file the loader refuses.
+  """
   fmt = _get(cfg, "format")
   path = _get(cfg, "path") or ""
   name = _get(cfg, "name") or ""
   on_empty_title = _get(cfg, "on_empty_title") or "error"
   if fmt == "movielens":
     if name and name != "ml-100k":
-      raise ValueError(f"config data.name={name!r}: data.format='movielens' loads ml-100k "
+      raise ConfigError(f"config data.name={name!r}: data.format='movielens' loads ml-100k "
                        "only; use data.format='recbole' for other atomic files")
     return load_movielens_100k(path, on_empty_title=on_empty_title)
   if fmt not in FORMATS:
-    raise ValueError(f"config data.format={fmt!r}: expected one of {FORMATS}")
+    raise ConfigError(f"config data.format={fmt!r}: expected one of {FORMATS}")
   if not path:
-    raise ValueError(f"config data.path is empty: data.format={fmt!r} needs the directory "
+    raise ConfigError(f"config data.path is empty: data.format={fmt!r} needs the directory "
                      "of the dataset files")
   if not name:
-    raise ValueError(f"config data.name is empty: data.format={fmt!r} needs the file stem")
+    raise ConfigError(f"config data.name is empty: data.format={fmt!r} needs the file stem")
   if fmt == "recbole":
     return load_recbole_atomic(path, name, on_empty_title=on_empty_title,
                                title_field=_get(cfg, "title_field") or None)

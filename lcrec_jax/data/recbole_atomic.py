@@ -52,6 +52,7 @@ from lcrec_jax.data.assemble import SkipLog, assemble, user_order
 from lcrec_jax.data.dataset import Dataset, Item, make_sequences
 from lcrec_jax.data.errors import DataError
 from lcrec_jax.data.source_io import read_text_lines
+from lcrec_jax.errors import ConfigError
 
 FIELD_TYPES = ("token", "token_seq", "float", "float_seq")
 TITLE_FIELDS = ("title", "movie_title", "item_title", "name", "item_name", "book_title")
@@ -128,7 +129,7 @@ def read_items(item_file: AtomicFile, *, item_field: str = "item_id",
     title (only with ``on_empty_title="skip"``).
   """
   if on_empty_title not in EMPTY_TITLE_POLICIES:
-    raise ValueError(f"on_empty_title must be one of {EMPTY_TITLE_POLICIES}, "
+    raise ConfigError(f"data.on_empty_title must be one of {EMPTY_TITLE_POLICIES}, "
                      f"got {on_empty_title!r}")
   skips = skips if skips is not None else SkipLog()
   counts = counts if counts is not None else collections.Counter()
@@ -138,7 +139,8 @@ def read_items(item_file: AtomicFile, *, item_field: str = "item_id",
     title_field = next((f for f in TITLE_FIELDS if f in item_file.names), None)
     if title_field is None:
       raise DataError(path, f"no title field: none of {TITLE_FIELDS} in header "
-                      f"{list(item_file.names)}; name one with title_field", line=1)
+                      f"{list(item_file.names)}; name the title column with "
+                      "--config.data.title_field=<column>", line=1)
   title_col = item_file.column(title_field)
   other = [k for k in range(len(item_file.names)) if k not in (id_col, title_col)]
   items, seen, skipped = [], {}, set()
@@ -259,5 +261,6 @@ def load_recbole_atomic(directory: str, name: str, *, title_field: str | None = 
   order = user_order(list(events))
   ordered = {u: events[u] for u in order}
   sequences = dict(zip(order, make_sequences(ordered)))
-  return assemble(dataset_name or name, items, sequences, skips, {**counts, **stats})
+  return assemble(dataset_name or name, items, sequences, skips, {**counts, **stats},
+                  source=inter_path)
 

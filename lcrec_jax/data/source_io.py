@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from lcrec_jax.data.errors import DataError, MissingFileError
 
@@ -53,13 +54,34 @@ def read_text_lines(path: str, what: str = "file") -> list[str]:
   return [l[:-1] if l.endswith("\r") else l for l in lines]
 
 
+class _BareConstant(ValueError):
+  pass
+
+
+def _reject_constant(name: str) -> object:
+  raise _BareConstant(name)
+
+
+# A json string (skipped) or a bare NaN / Infinity / -Infinity outside strings.
+_BARE_CONSTANT = re.compile(r'"(?:[^"\\]|\\.)*"|(-?Infinity|NaN)')
+
+
 def read_json_and_text(path: str, what: str = "json file") -> tuple[object, str]:
-  """Parse a UTF-8 json file and return it with its text; errors name file and line."""
+  """Parse a UTF-8 json file and return it with its text; errors name file and line.
+
+  Bare ``NaN`` / ``Infinity`` (Python's json accepts them, the json standard does not)
+  are refused, so they never become the text ``"nan"``.
+  """
   text = _decode(path, _read_bytes(path, what))
   try:
-    return json.loads(text), text
+    return json.loads(text, parse_constant=_reject_constant), text
   except json.JSONDecodeError as e:
     raise DataError(path, f"not valid json: {e.msg} (column {e.colno})", line=e.lineno) from None
+  except _BareConstant as e:
+    bare = next((m for m in _BARE_CONSTANT.finditer(text) if m.group(1)), None)
+    line = text.count("\n", 0, bare.start()) + 1 if bare else None
+    raise DataError(path, f"not valid json: bare {e} (json has no NaN or Infinity; write "
+                    "null or a string)", line=line) from None
 
 
 def read_json(path: str, what: str = "json file") -> object:

@@ -18,6 +18,13 @@ As in LC-Rec (``index/trainer.py``): AdamW, linear warmup then linear decay to 0
 (HF ``get_linear_schedule_with_warmup``) or constant, gradient norm clipped at 1.0
 (``rqvae.grad_clip``, optional field), every batch of an epoch used (the last one may be
 smaller), Sinkhorn on during training, collision rate from argmax codes of all items.
+
+Failure safety (as in the LLM trainer): a step whose loss or updated state is NaN/inf
+is not applied (the choice is made inside the jitted step); at the end of that epoch
+training stops with a :class:`NonFiniteError` naming the newest checkpoint, which is
+finite. On resume, a newest ``latest`` checkpoint that does not load (or holds NaN/inf)
+is moved aside to ``<epoch>.corrupt-<n>`` and the next older one is used
+(:func:`lcrec_jax.train.checkpoint.restore_newest`).
 """
 
 from __future__ import annotations
@@ -35,12 +42,15 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from tqdm import tqdm
 
 from lcrec_jax import fs
+from lcrec_jax import progress as progress_lib
+from lcrec_jax.errors import ConfigError
 from lcrec_jax.index import assign
 from lcrec_jax.index import rqvae
 from lcrec_jax.log_filters import quiet_orbax
+from lcrec_jax.train import checkpoint as ckpt_lib
+from lcrec_jax.train import finite
 
 # Config fields that may change between a run and its resumption without changing the
 # result.
@@ -101,7 +111,11 @@ def _optimizer(spec: tuple) -> tuple[optax.GradientTransformation, optax.Schedul
 
 @functools.lru_cache(maxsize=16)
 def _make_train_step(model: rqvae.RQVAE, tx: optax.GradientTransformation):
-  """Jitted ``(state, x [B, D]) -> (state, metrics)``; ``state`` is donated."""
+  """Jitted ``(state, x [B, D]) -> (state, metrics)``; ``state`` is donated.
+
+  A step whose loss or updated params / optimizer state / batch statistics hold NaN or
+  inf leaves them as they were (``step`` still advances) and reports ``is_finite`` 0.
+  """
   mutable = ["batch_stats"] if model.batch_norm else False
 
   def step(state, x):
@@ -125,7 +139,11 @@ def _make_train_step(model: rqvae.RQVAE, tx: optax.GradientTransformation):
     new["step"] = state["step"] + 1
     if model.batch_norm:
       new["batch_stats"] = updates["batch_stats"]
-    return new, {"loss": total, **metrics}
+    changed = [k for k in ("params", "opt_state", "batch_stats") if k in new]
+    ok = jnp.isfinite(total) & finite.all_finite([new[k] for k in changed])
+    for k in changed:
+      new[k] = finite.select_tree(ok, new[k], state[k])
+    return new, {"loss": total, **metrics, "is_finite": ok.astype(jnp.float32)}
 
   return jax.jit(step, donate_argnums=0)
 
@@ -206,8 +224,8 @@ def _check_resumable(meta: Mapping[str, Any], cfg: ml_collections.ConfigDict,
   if meta.get("seed") != seed:
     problems.append(f"seed: checkpoint {meta.get('seed')} vs now {seed}")
   if problems:
-    raise ValueError(f"cannot resume from {where}: " + "; ".join(problems)
-                     + ". Use another --workdir or delete that directory to retrain.")
+    raise ConfigError(f"cannot resume from {where}: " + "; ".join(problems),
+                      hint="use another --workdir or delete that directory to retrain")
 
 
 def train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir: str, *,
@@ -251,18 +269,6 @@ def _train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir
   metrics_path = fs.join(index_dir, "metrics.jsonl")
   mngrs = _managers(fs.join(index_dir, "checkpoints"), cfg.keep_checkpoints)
 
-  start = mngrs["latest"].latest_step()
-  if start is not None:  # check before anything is built: shapes could clash
-    where = fs.join(index_dir, "checkpoints", "latest", str(start))
-    saved_meta = mngrs["latest"].restore(
-        start, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    try:
-      _check_resumable(saved_meta, cfg, x, seed, where)
-    except ValueError:
-      for m in mngrs.values():
-        m.close()
-      raise
-
   model = make_model(cfg, dim)
   tx, schedule = make_optimizer(cfg, steps_per_epoch)
   root = jax.random.PRNGKey(seed)
@@ -270,16 +276,35 @@ def _train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir
   variables = model.init({"params": k_init, "dropout": k_init}, jnp.asarray(x[:bs]),
                          train=False)
   variables = jax.tree.map(jnp.asarray, dict(variables))
-  state = {"params": variables["params"], "opt_state": None,
+  state = {"params": variables["params"], "opt_state": tx.init(variables["params"]),
            "step": jnp.zeros((), jnp.int32), "rng": k_dropout}
   if model.batch_norm:
     state["batch_stats"] = variables["batch_stats"]
 
+  latest_dir = fs.path(index_dir) / "checkpoints" / "latest"
+
+  def load(step: int) -> tuple[Any, dict]:
+    # A checkpoint of another run is a config error, not a corrupt checkpoint: checked
+    # on its meta first, so that other shapes never reach orbax.
+    saved = mngrs["latest"].restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"]
+    _check_resumable(saved, cfg, x, seed, str(latest_dir / str(step)))
+    return _restore(mngrs["latest"], step, state)
+
+  try:
+    start, restored = ckpt_lib.restore_newest(
+        mngrs["latest"], latest_dir, load, "rqvae",
+        is_finite=lambda out: bool(finite.all_finite(out[0])))
+  except BaseException:
+    for m in mngrs.values():
+      m.close()
+    raise
+
   meta = {"epoch": 0, "best_collision_rate": None, "best_loss": None,
           "num_items": n, "in_dim": dim, "seed": int(seed), "config": _config_dict(cfg)}
   if start is not None:
-    state["opt_state"] = tx.init(state["params"])
-    state, meta = _restore(mngrs["latest"], start, state)
+    where = str(latest_dir / str(start))
+    state, meta = restored
     start = int(meta["epoch"])
     for kind in ("best_collision", "best_loss"):  # written after `start`: redone below
       for s in mngrs[kind].all_steps():
@@ -295,16 +320,15 @@ def _train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir
                                               int(cfg.kmeans_iters))
       state["params"] = variables["params"]
       logging.info("rqvae: k-means codebook init in %.1fs", time.time() - t0)
-    state["opt_state"] = tx.init(state["params"])
+      state["opt_state"] = tx.init(state["params"])
     history = []
   _write_history(metrics_path, history)
 
   train_step = _make_train_step(model, tx)
   x_dev = jnp.asarray(x)
-  bar = tqdm(range(start, epochs), initial=start, total=epochs, desc="rqvae", unit="epoch",
-             disable=None)
-  with fs.AppendLog(metrics_path) as mfile:  # process 0 only; gs:// rewrites, throttled
-    for e in bar:
+  bar = progress_lib.Progress(epochs, "rqvae", "epoch", initial=start)
+  with bar, fs.AppendLog(metrics_path) as mfile:  # process 0 only; gs:// rewrites, throttled
+    for e in range(start, epochs):
       epoch = e + 1
       t0 = time.time()
       perm = np.random.default_rng([int(seed), epoch]).permutation(n)
@@ -315,13 +339,25 @@ def _train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir
         step_metrics.append(m)
         sizes.append(len(idx))
       step_metrics = jax.device_get(step_metrics)  # one sync per epoch
+      bad = sum(1 for m in step_metrics if float(m["is_finite"]) < 1.0)
+      if bad:
+        for m in mngrs.values():
+          m.wait_until_finished()
+        last = mngrs["latest"].latest_step()
+        where = (f"the last checkpoint (finite) is epoch {last} under {latest_dir}"
+                 if last is not None else "no checkpoint was written yet")
+        for m in mngrs.values():
+          m.close()
+        raise finite.NonFiniteError(
+            f"rqvae: {bad} of {steps_per_epoch} steps of epoch {epoch} had a NaN/inf loss or "
+            f"update (not applied); training stops; {where}",
+            hint="re-run with a lower --config.rqvae.lr in a new --workdir (an RQ-VAE run "
+                 "resumes only with the config it started with)")
       totals = {k: float(sum(float(m[k]) * w for m, w in zip(step_metrics, sizes))) / n
                 for k in step_metrics[0]}
       step = int(state["step"])
       row = {"epoch": epoch, "step": step, **totals, "lr": float(schedule(step - 1)),
              "collision_rate": None, "utilization": None}
-      if not np.isfinite(row["loss"]):
-        raise FloatingPointError(f"rqvae: loss is {row['loss']} at epoch {epoch}")
       if epoch % eval_every == 0 or epoch == epochs:
         row.update(evaluate_codes(model, state_variables(state), x))
         cr, loss = row["collision_rate"], row["loss"]
@@ -333,13 +369,14 @@ def _train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir
           meta["best_loss"] = loss
           meta["epoch"] = epoch
           _save(mngrs["best_loss"], epoch, state, dict(meta))
-        bar.set_postfix(loss=f"{loss:.4f}", collisions=f"{cr:.4f}")
+        bar.set_postfix(loss=loss, collisions=cr)
         logging.info("rqvae epoch %d/%d: loss %.5f (recon %.5f, quant %.5f), lr %.2e, "
                      "collision rate %.4f, code usage per level %s", epoch, epochs, loss,
                      row["recon_mse"], row["quant_loss"], row["lr"], cr,
                      " ".join(f"{u:.0%}" for u in row["utilization"]))
       else:
-        bar.set_postfix(loss=f"{row['loss']:.4f}")
+        bar.set_postfix(loss=row["loss"])
+      row.pop("is_finite", None)
       row["time_s"] = round(time.time() - t0, 4)
       history.append(row)
       mfile.write(json.dumps(row) + "\n")
@@ -348,6 +385,7 @@ def _train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir
         meta["epoch"] = epoch
         mfile.flush(force=True)  # the rows up to a checkpoint are on disk before it
         _save(mngrs["latest"], epoch, state, dict(meta))
+      bar.update(1)
   for m in mngrs.values():
     m.wait_until_finished()
     m.close()

@@ -14,6 +14,7 @@ import numpy as np
 from lcrec_jax.llm import safetensors_io
 from lcrec_jax.llm.config import LlamaConfig
 from lcrec_jax.llm.lora import LoraParams, merge
+from lcrec_jax.train.finite import check_finite
 
 
 def export_hf(out_dir: str, params: Mapping[str, Any], cfg: LlamaConfig, *,
@@ -37,9 +38,12 @@ def export_hf(out_dir: str, params: Mapping[str, Any], cfg: LlamaConfig, *,
 
   Raises:
     ValueError: embedding and head disagree on the vocabulary size.
+    lcrec_jax.train.finite.NonFiniteError: a param (LoRA merged) holds NaN/inf values;
+      nothing is written.
   """
   if lora is not None:
     params = jax.jit(merge)(params, lora)
+  check_finite(params, f"export to {out_dir}: params")
   rows = int(np.shape(params["embed_tokens"]["embedding"])[0])
   if not cfg.tie_word_embeddings:
     head = int(np.shape(params["lm_head"]["kernel"])[-1])

@@ -7,6 +7,13 @@ trainer wants back. Orbax writes into a temporary directory and renames it at th
 end, so a killed save never looks like a finished checkpoint. The directory is an
 `epath.Path`, so it may be `gs://...`: orbax handles directories through epath and
 writes array data with TensorStore's own GCS driver.
+
+Fallback: :func:`restore_newest` (used by :meth:`Checkpointer.restore_latest` and the
+RQ-VAE trainer) tries the checkpoints newest first. One that fails to load (a truncated
+or zeroed array file, deleted metadata, a missing item, non-finite values) is moved
+aside to ``<step>.corrupt-<n>`` (renamed, never deleted), a warning names it and why,
+and the next older one is used. When none loads, a :class:`WorkdirError` says so and
+nothing is moved.
 """
 
 from __future__ import annotations
@@ -14,11 +21,80 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
+
+from lcrec_jax import fs
+from lcrec_jax.errors import UserError, WorkdirError
+
+
+def _reason(e: BaseException) -> str:
+  lines = str(e).strip().splitlines()
+  text = lines[0] if lines else ""
+  return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
+def set_aside(directory: epath.Path, step: int) -> epath.Path:
+  """Renames ``directory/<step>`` to the first free ``directory/<step>.corrupt-<n>``."""
+  n = 1
+  while (directory / f"{step}.corrupt-{n}").exists():
+    n += 1
+  dest = directory / f"{step}.corrupt-{n}"
+  if fs.is_primary():
+    (directory / str(step)).rename(dest)
+  fs.barrier(f"checkpoint_set_aside_{step}_{n}")
+  return dest
+
+
+def restore_newest(manager: ocp.CheckpointManager, directory: str | os.PathLike,
+                   restore_fn: Callable[[int], Any], what: str,
+                   is_finite: Callable[[Any], bool] | None = None) -> tuple[int | None, Any]:
+  """Restores the newest checkpoint of ``manager`` that loads, moving broken ones aside.
+
+  Args:
+    manager: the orbax manager over ``directory``.
+    directory: its root (step directories ``<step>/`` inside).
+    restore_fn: ``step -> restored`` (raises on a broken checkpoint; a
+      :class:`UserError` it raises, such as a config mismatch, is passed on as it is).
+    what: how messages name the checkpoints, e.g. ``"train"``.
+    is_finite: ``restored -> bool``; a checkpoint with NaN/inf values counts as broken.
+
+  Returns:
+    ``(step, restored)``, or ``(None, None)`` when there is no checkpoint at all.
+
+  Raises:
+    WorkdirError: there are checkpoints but none loads (none is moved then).
+  """
+  directory = epath.Path(directory)
+  steps = sorted(manager.all_steps(), reverse=True)
+  failed: list[tuple[int, str]] = []
+  for step in steps:
+    try:
+      out = restore_fn(step)
+      if is_finite is not None and not is_finite(out):
+        raise FloatingPointError("holds NaN/inf values")
+    except UserError:  # e.g. a checkpoint of another config: not a broken one
+      raise
+    except Exception as e:  # orbax/TensorStore errors have no common base class
+      failed.append((step, _reason(e)))
+      continue
+    for bad, why in failed:
+      dest = set_aside(directory, bad)
+      logging.warning("%s: checkpoint %s does not load (%s); moved it to %s and resumed from "
+                      "step %d", what, directory / str(bad), why, dest, step)
+    if failed:
+      manager.reload()
+    return step, out
+  if failed:
+    listed = "; ".join(f"step {s}: {why}" for s, why in failed)
+    raise WorkdirError(f"{what}: no checkpoint under {directory} loads ({listed})",
+                       hint=f"delete {directory} to start this stage over")
+  return None, None
 
 
 class Checkpointer:
@@ -125,6 +201,30 @@ class Checkpointer:
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                       data=ocp.args.JsonRestore()))
     return out["state"], dict(out["data"])
+
+  def restore_latest(self, abstract_state: Any) -> tuple[int | None, Any, dict[str, Any]]:
+    """The newest checkpoint that loads and is finite: ``(step, state, data)``.
+
+    Broken newer ones are moved aside (see :func:`restore_newest`); ``(None, None, None)``
+    when there is none.
+
+    Raises:
+      WorkdirError: checkpoints exist but none loads.
+    """
+    from lcrec_jax.train import finite  # pylint: disable=g-import-not-at-top
+    check = jax.jit(finite.all_finite)
+
+    def load(step: int) -> tuple[Any, dict[str, Any]]:
+      state, data = self.restore(abstract_state, step)
+      for key in ("epoch", "step_in_epoch"):
+        int(data[key])  # a data position that lacks a field does not load
+      return state, data
+
+    step, out = restore_newest(self._manager, self.directory, load, "train",
+                               is_finite=lambda o: bool(check(o[0])))
+    if step is None:
+      return None, None, None
+    return step, out[0], out[1]
 
   def wait(self) -> None:
     """Blocks until pending async saves are on disk."""

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lcrec_jax.train import finite
 from lcrec_jax.train import mesh as mesh_lib
 from lcrec_jax.train.state import TrainState, is_lora_tree, merge_params
 
@@ -174,9 +175,14 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
   sum(CE over every label of the batch) / (number of labels), i.e. exactly the loss
   of the whole batch at once, whatever the micro-batch split.
 
+  Finite or nothing: when the loss, the gradient norm or any leaf of the updated
+  params / optimizer state is NaN or inf, the params and optimizer state are left as
+  they were (only `step` and `rng` advance, so the batch counts as consumed) and
+  `is_finite` is 0. The choice is made inside the jitted step, with no host round trip.
+
   Returns:
     (new state, metrics dict of float32 scalars: loss, grad_norm, lr, label_tokens,
-    dropped_label_tokens, tokens).
+    dropped_label_tokens, tokens, is_finite (1.0 = update committed, 0.0 = skipped)).
   """
   rng, step_rng = jax.random.split(state.rng)
   batch = _constrain_batch(batch, lead=1 if grad_accum_steps > 1 else 0)
@@ -211,9 +217,14 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
   grads = jax.tree.map(lambda g: g / denom, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
   trainable = optax.apply_updates(state.trainable, updates)
+  loss, grad_norm = loss_sum / denom, optax.global_norm(grads)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & finite.all_finite(trainable, opt_state)
+  trainable = finite.select_tree(ok, trainable, state.trainable)
+  opt_state = finite.select_tree(ok, opt_state, state.opt_state)
   metrics = {
-      "loss": loss_sum / denom,
-      "grad_norm": optax.global_norm(grads),
+      "loss": loss,
+      "grad_norm": grad_norm,
+      "is_finite": ok.astype(jnp.float32),
       "lr": jnp.asarray(schedule(state.step) if schedule is not None else 0.0, jnp.float32),
       "label_tokens": count,
       "dropped_label_tokens": dropped,

@@ -27,7 +27,6 @@ import itertools
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -37,10 +36,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tqdm
 
 from lcrec_jax import fs
+from lcrec_jax import progress as progress_lib
+from lcrec_jax.errors import ConfigError
 from lcrec_jax.train import checkpoint as ckpt_lib
+from lcrec_jax.train import finite as finite_lib
 from lcrec_jax.train import mesh as mesh_lib
 from lcrec_jax.train import metrics as metrics_lib
 from lcrec_jax.train import state as state_lib
@@ -77,8 +78,14 @@ class TrainResult:
   resumed_from: int | None
 
 
-class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN/inf; the last good checkpoint is kept."""
+ON_NONFINITE = ("stop", "skip")
+
+
+class NonFiniteLossError(finite_lib.NonFiniteError):
+  """A step's loss, gradients or update were NaN/inf and the policy says stop.
+
+  The update was not committed: the checkpoints (and the state) hold finite values only.
+  """
 
 
 def default_train_config() -> ml_collections.ConfigDict:
@@ -91,7 +98,9 @@ def default_train_config() -> ml_collections.ConfigDict:
   end_lr_ratio, b1, b2, eps, weight_decay (matrices only), max_grad_norm (<= 0: none),
   compute_dtype, max_label_tokens (0 = sequence length), checkpoint_every,
   keep_checkpoints, async_checkpoint, log_every, progress_log_s, eval_every (0 = at the
-  end), peak_flops_per_device (MFU; 0 = not shown), distributed, tensorboard, valid_users.
+  end), peak_flops_per_device (MFU; 0 = not shown), distributed, tensorboard, valid_users,
+  on_nonfinite (stop | skip a step whose loss, gradients or update are not finite),
+  max_nonfinite_skips (skip: stop after this many in a row).
   """
   from lcrec_jax import spec  # pylint: disable=g-import-not-at-top
   return spec.section("train")
@@ -137,34 +146,6 @@ def _check_batch(batch: Batch, batch_size: int, max_label_tokens: int, step: int
       raise ValueError(
           f"train: an example at step {step} has {per_example.max()} label tokens, more than "
           f"train.max_label_tokens={max_label_tokens}; raise it (0 = sequence length)")
-
-
-class _ProgressLog:
-  """A log line every `every_s` seconds (step, loss, s/step, time left) when no bar shows.
-
-  The tqdm bar is only drawn on a terminal; runs whose stderr goes to a file (a pod's
-  worker, a notebook's subprocess, `nohup`) would otherwise log nothing between the start
-  and the end of training.
-  """
-
-  def __init__(self, num_steps: int, step: int, every_s: float, enabled: bool):
-    self.num_steps, self.every_s, self.enabled = num_steps, every_s, enabled
-    self.t_last, self.step_last = time.perf_counter(), step
-    self.timed = False  # the first step (compiles) is left out of s/step
-
-  def update(self, step: int, loss: float) -> None:
-    now = time.perf_counter()
-    if not self.timed and step < self.num_steps:
-      self.t_last, self.step_last, self.timed = now, step, True
-      return
-    if not self.enabled or (now - self.t_last < self.every_s and step < self.num_steps):
-      return
-    per_step = (now - self.t_last) / max(step - self.step_last, 1)
-    left = per_step * (self.num_steps - step)
-    logging.info("train: step %d/%d (%.0f%%), loss %.4f, %.2f s/step, %d min %02d s left",
-                 step, self.num_steps, 100.0 * step / self.num_steps, loss, per_step,
-                 left // 60, left % 60)
-    self.t_last, self.step_last = now, step
 
 
 def _ckpt_tree(state: state_lib.TrainState) -> dict[str, Any]:
@@ -223,7 +204,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
     A `TrainResult`.
 
   Raises:
-    NonFiniteLossError: when the loss is NaN or inf (the last good checkpoint stays).
+    NonFiniteLossError: a step's loss, gradients or update were NaN/inf and
+      `train.on_nonfinite` is "stop" (or "skip" ran `train.max_nonfinite_skips` such
+      steps in a row). Such an update is never committed, so the state and every
+      checkpoint stay finite; the message names the newest checkpoint.
   """
   tc = config.train
   if tc.get("distributed", False) and not jax.distributed.is_initialized():
@@ -245,6 +229,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
     raise ValueError(f"train.compute_dtype: {tc.compute_dtype!r} is not one of {list(_DTYPES)}")
   compute_dtype = _DTYPES[tc.compute_dtype]
   max_label_tokens = int(tc.get("max_label_tokens", 0))
+  on_nonfinite = str(tc.get("on_nonfinite", "stop"))
+  if on_nonfinite not in ON_NONFINITE:
+    raise ConfigError(f"train.on_nonfinite: {on_nonfinite!r} is not one of {ON_NONFINITE}")
+  max_skips = int(tc.get("max_nonfinite_skips", 10))
 
   tx, schedule = state_lib.make_optimizer(tc, num_steps, tail=tx_tail)
   boxed = state_lib.abstract_boxed_params(model, np.zeros((1, 8), np.int32))
@@ -259,11 +247,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
 
   # --- state: fresh or restored ------------------------------------------------------
   state = None
-  resumed_from = ckpt.latest_step()
   epoch, pos = 0, 0
+  abstract = state_lib.abstract_state(shardings, boxed, tx, trainable_mask, params=params)
+  # The newest checkpoint that loads (and is finite); broken ones are moved aside.
+  resumed_from, restored, data = ckpt.restore_latest(_ckpt_tree(abstract))
   if resumed_from is not None:
-    abstract = state_lib.abstract_state(shardings, boxed, tx, trainable_mask, params=params)
-    restored, data = ckpt.restore(_ckpt_tree(abstract), resumed_from)
     _, frozen = state_lib.split_params(nn.unbox(params), trainable_mask)
     frozen = jax.jit(lambda x: jax.tree.map(jnp.copy, x), out_shardings=shardings.frozen)(frozen)
     state = state_lib.TrainState(step=restored["step"], trainable=restored["trainable"],
@@ -315,13 +303,23 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
       return {"epoch": epoch + 1, "step_in_epoch": 0}
     return {"epoch": epoch, "step_in_epoch": pos}
 
+  def non_finite(at_step: int, m: Mapping[str, float], why: str) -> NonFiniteLossError:
+    ckpt.wait()
+    last = ckpt.latest_step()
+    where = (f"the last checkpoint (finite) is step {last} under {ckpt.directory}"
+             if last is not None else "no checkpoint was written yet")
+    return NonFiniteLossError(
+        f"train: {why} at step {at_step} (epoch {epoch}; loss {m['loss']}, gradient norm "
+        f"{m['grad_norm']}); the update was not applied and training stops; {where}",
+        hint="re-run with a lower --config.train.lr (it resumes from that checkpoint), "
+             "check the data, or set --config.train.on_nonfinite=skip")
+
   ckpt.install_sigterm_handler()
   stopped_early = False
-  show_bar = is_main and sys.stderr.isatty()
-  bar = tqdm.tqdm(total=num_steps, initial=step, desc="train", dynamic_ncols=True,
-                  disable=not show_bar)
-  progress = _ProgressLog(num_steps, step, every_s=float(tc.get("progress_log_s", 60.0)),
-                          enabled=is_main and not show_bar)
+  skips_in_row = 0
+  progress = progress_lib.Progress(num_steps, "train", "step", initial=step,
+                                   every_s=float(tc.get("progress_log_s", 60.0)),
+                                   enabled=is_main)
   try:
     while step < num_steps and not stopped_early:
       source = itertools.islice(iter(batches(epoch, pos)), steps_per_epoch - pos)
@@ -339,12 +337,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
         dt, t_last = now - t_last, now
         step += 1
         pos += 1
-        if not math.isfinite(m["loss"]):
-          ckpt.wait()
-          raise NonFiniteLossError(
-              f"train: loss is {m['loss']} at step {step} (epoch {epoch}); stopping. The last "
-              f"good checkpoint is step {ckpt.latest_step()} under {ckpt.directory}; lower "
-              "train.lr or check the data")
+        if m["is_finite"] < 1.0:  # the step left params and optimizer state unchanged
+          why = ("the loss is not finite" if not math.isfinite(m["loss"]) else
+                 "the gradients are not finite" if not math.isfinite(m["grad_norm"]) else
+                 "the update made the params or optimizer state non-finite")
+          skips_in_row += 1
+          if on_nonfinite == "stop":
+            raise non_finite(step, m, why)
+          if skips_in_row > max_skips:
+            raise non_finite(step, m, f"{why} ({skips_in_row} steps in a row, more than "
+                             f"train.max_nonfinite_skips={max_skips})")
+          logging.warning("train: step %d skipped: %s (loss %s); %d in a row", step, why,
+                          m["loss"], skips_in_row)
+        else:
+          skips_in_row = 0
         m["step_time_s"] = dt
         m["tokens_per_s"] = m["tokens"] / dt  # global tokens (all hosts)
         m["epoch"] = epoch + pos / steps_per_epoch
@@ -357,12 +363,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
         history.append({"step": step, **m})
         if step % log_every == 0 or step == num_steps:
           writer.write(step, m, prefix="train/")
-        postfix = {"loss": f"{m['loss']:.4f}", "tok/s": f"{m['tokens_per_s']:.0f}"}
+        postfix = {"loss": m["loss"], "tok/s": f"{m['tokens_per_s']:.0f}"}
         if util is not None:
           postfix["mfu"] = f"{util:.1%}"
-        bar.set_postfix(postfix, refresh=False)
-        bar.update(1)
-        progress.update(step, m["loss"])
+        progress.update(1, **postfix)
         if step_hook is not None:
           step_hook(step, m)
 
@@ -385,7 +389,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
     if not stopped_early:
       run_evals(step)
   finally:
-    bar.close()
+    progress.close()
     ckpt.close()
     writer.close()
   return TrainResult(state=state, step=step, history=history, evals=evals,

@@ -1,0 +1,168 @@
+"""The entry boundary of every command (``main``, ``recommend``, ``generate``).
+
+    if __name__ == "__main__":
+      cli.run(main, "recommend")
+
+Expected errors (:class:`lcrec_jax.errors.UserError`, ``absl.app.UsageError``, a bad flag,
+an unknown ``--config.x.y`` field) are printed as one line ``<prog>: error: ...`` (plus
+``hint: ...`` where there is one) on stderr, and the process exits with status 2. Their
+traceback goes to the run's absl log file only, when one is open. Anything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from absl import app, flags, logging
+
+from lcrec_jax.errors import EXIT_USER_ERROR, ConfigError, UserError, WorkdirError
+
+
+def fail(prog: str, message: str, hint: str | None = None) -> NoReturn:
+  """Prints ``<prog>: error: message`` (and ``hint: ...``) on stderr; exits with status 2."""
+  first, *rest = str(message).strip().splitlines() or [""]
+  print(f"{prog}: error: {first}", file=sys.stderr)
+  if hint or rest:
+    print(f"hint: {hint or ' '.join(r.strip() for r in rest)}", file=sys.stderr)
+  sys.stderr.flush()
+  sys.exit(EXIT_USER_ERROR)
+
+
+def _log_file_stream() -> Any:
+  """The absl log file's stream, or None when absl logs to stderr only."""
+  handler = getattr(logging.get_absl_handler(), "python_handler", None)
+  stream = getattr(handler, "stream", None)
+  if stream is None or stream in (sys.stderr, sys.__stderr__, sys.stdout, sys.__stdout__):
+    return None
+  return stream
+
+
+def _log_traceback(prog: str) -> None:
+  stream = _log_file_stream()
+  if stream is None:
+    return
+  try:
+    stream.write(f"{prog}: error (traceback):\n{traceback.format_exc()}")
+    stream.flush()
+  except (OSError, ValueError):  # a closed log file must not hide the error itself
+    pass
+
+
+def _load_config_file(spec: str) -> Any:
+  """``get_config()`` of a recipe file (``path`` or ``path:arg``)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_lcrec_cli_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _config_roots(argv: Sequence[str]) -> dict[str, Any]:
+  """Config flags (name -> loaded ConfigDict) among the defined flags."""
+  out = {}
+  for arg in argv:
+    if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+      continue
+    name = arg[2:].split("=", 1)[0].split(".", 1)[0]
+    if name in flags.FLAGS and name not in out:
+      value = None
+      try:  # the flag's value applies the overrides, so it fails on the bad one
+        value = flags.FLAGS[name].value
+      except Exception:  # pylint: disable=broad-except
+        pass
+      if value is None:  # load the config file as it is, without the overrides
+        try:
+          path = next(a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}="))
+          value = _load_config_file(path)
+        except Exception:  # pylint: disable=broad-except
+          continue
+      if value is not None and hasattr(value, "keys"):
+        out[name] = value
+  return out
+
+
+def unknown_config_field(argv: Sequence[str]) -> ConfigError | None:
+  """The error for the first ``--config.a.b=...`` naming a field the config lacks.
+
+  It names the closest valid fields (difflib) and, as a hint, all fields at that level.
+  """
+  roots = _config_roots(argv)
+  for arg in argv:
+    key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+    name, _, path = key.partition(".")
+    if name not in roots or not path:
+      continue
+    node, walked = roots[name], name
+    for part in path.split("."):
+      keys = list(node.keys()) if hasattr(node, "keys") else []
+      if part in keys:
+        node, walked = node[part], f"{walked}.{part}"
+        continue
+      if not keys:
+        return ConfigError(f"--{key}: {walked} is a value, not a section with fields")
+      close = difflib.get_close_matches(part, keys, n=3, cutoff=0.5)
+      near = (" (closest: " + ", ".join(f"{walked}.{c}" for c in close) + ")") if close else ""
+      return ConfigError(f"--{key}: {walked} has no field {part!r}{near}",
+                         hint=f"fields of {walked}: {', '.join(sorted(keys))}")
+  return None
+
+
+def parse_flags(argv: Sequence[str], prog: str) -> list[str]:
+  """absl's flag parsing, with flag and config-field errors as one line and exit 2."""
+  try:
+    return flags.FLAGS(list(argv))
+  except flags.Error as e:
+    fail(prog, str(e), hint=f"python -m lcrec_jax.{prog} --helpshort lists the flags")
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a missing field
+    err = unknown_config_field(argv)
+    if err is None:
+      raise
+    fail(prog, str(err), err.hint)
+  raise AssertionError("unreachable")
+
+
+def guarded(main: Callable[[list[str]], Any], prog: str) -> Callable[[list[str]], Any]:
+  """``main`` with expected errors turned into one line on stderr and exit status 2."""
+
+  @functools.wraps(main)
+  def wrapped(argv: list[str]) -> Any:
+    try:
+      return main(argv)
+    except (UserError, app.UsageError) as e:
+      _log_traceback(prog)
+      fail(prog, str(e), getattr(e, "hint", None))
+
+  return wrapped
+
+
+def run(main: Callable[[list[str]], Any], prog: str) -> None:
+  """``absl.app.run(main)`` behind the one-line error boundary."""
+  app.run(guarded(main, prog), flags_parser=functools.partial(parse_flags, prog=prog))
+
+
+def check_workdir(workdir: str, flag: str = "--workdir") -> None:
+  """A local workdir must be (or become) a writable directory; gs:// is left to ``fs``.
+
+  Raises:
+    WorkdirError: it is a file, cannot be created, or is not writable.
+  """
+  if not workdir or "://" in workdir:
+    return
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f"{flag}={workdir} is a file, not a directory",
+                       hint="give a directory (it is created if missing)")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(f"{flag}={workdir}: cannot create the directory ({e.strerror}: "
+                       f"{e.filename or workdir})") from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise WorkdirError(f"{flag}={workdir}: the directory is not writable")
