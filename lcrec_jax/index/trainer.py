@@ -161,12 +161,17 @@ def _managers(ckpt_dir: str, keep: int) -> dict[str, ocp.CheckpointManager]:
 
 
 def _save(mngr: ocp.CheckpointManager, epoch: int, state: Any, meta: dict) -> None:
+  if jax.process_count() > 1:  # every process trains the same copy on its own device;
+    state = jax.device_get(state)  # orbax refuses host-local arrays, numpy it takes
   mngr.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                            meta=ocp.args.JsonSave(meta)), force=True)
 
 
 def _restore(mngr: ocp.CheckpointManager, epoch: int, like: Any) -> tuple[Any, dict]:
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  if jax.process_count() > 1:  # restored as numpy (see _save)
+    abstract = jax.device_get(like)
+  else:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
   res = mngr.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                     meta=ocp.args.JsonRestore()))
   return res["state"], res["meta"]
