@@ -10,6 +10,11 @@ again; training then resumes from, or reuses, the checkpoints present: delete
 Which parameters assign the codes is ``c.index.checkpoint``: ``"best_collision"``
 (LC-Rec's choice: the evaluation with the lowest argmax collision rate, ties to the
 later epoch), ``"best_loss"``, or ``"final"``.
+
+With ``c.index.source = "file"`` no RQ-VAE is trained: the codes come from LC-Rec's
+``X.index.json`` at ``c.index.path``, checked against the dataset and made unique
+(:mod:`lcrec_jax.index.provided`), and the same ``index.json``, ``report.json``,
+``codes.png`` and ``DONE`` are written.
 """
 
 from __future__ import annotations
