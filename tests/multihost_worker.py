@@ -173,12 +173,21 @@ def pipeline() -> None:
   index = index_stage.run_index_stage(c, ARGS.workdir, dataset, x)
   train_stage.run_train_stage(c, ARGS.workdir, dataset, index)
   results = eval_stage.run_eval_stage(c, ARGS.workdir, dataset, index)
-  _, params, _ = eval_stage.load_trained(c, ARGS.workdir, index)
+  model, params, tokenizer = eval_stage.load_trained(c, ARGS.workdir, index)
   gate = params["layers_0"]["mlp"]["gate_proj"]["kernel"]  # [embed 32, mlp 64]
+  # The ranked lists behind the metrics (6 steps teach little: metrics may be all zero).
+  from lcrec_jax.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.tasks.builders import seqrec_eval_examples  # pylint: disable=g-import-not-at-top
+  prompts = [evaluate_lib.eval_prompt_ids(tokenizer, ex.instruction, c.tasks, index.num_levels)
+             for ex in seqrec_eval_examples(dataset, index, "test", 0, 20)[:8]]
+  decoder = evaluate_lib.Decoder(model, tokenizer, index, c.tasks.buckets,
+                                 mesh=eval_stage.params_mesh(params))
+  items, scores = decoder.rank(params, prompts, num_beams=10, mode="trie", batch_size=8)
   with open(os.path.join(ARGS.workdir, "train", "metrics.jsonl"), encoding="utf-8") as f:
     losses = [json.loads(l)["train/loss"] for l in f if "train/loss" in l]
   m = results["test"]["mean"]
   out = {"codes": np.asarray(index.codes), "loss": np.asarray(losses),
+         "beam_items": items, "beam_scores": scores,
          "metrics": np.asarray([m[k] for k in sorted(m)]),
          "metric_names": np.asarray(sorted(m)),
          "process_count": np.asarray(jax.process_count()),

@@ -155,7 +155,10 @@ def _managers(ckpt_dir: str, keep: int) -> dict[str, ocp.CheckpointManager]:
   out = {}
   for kind in CHECKPOINT_KINDS:
     opts = ocp.CheckpointManagerOptions(
-        max_to_keep=max(1, int(keep)) if kind == "latest" else 1, create=True)
+        max_to_keep=max(1, int(keep)) if kind == "latest" else 1, create=True,
+        # multi-host: three managers' async commits interleave their cross-process
+        # barriers differently on each host and hang (seen with two processes)
+        enable_async_checkpointing=jax.process_count() == 1)
     out[kind] = ocp.CheckpointManager(fs.path(ckpt_dir) / kind, options=opts)
   return out
 
