@@ -82,8 +82,9 @@ class Pipeline:
 
   def run_index(self, force: bool):
     from lcrec_jax.index.stage import run_index_stage
-    self._index = run_index_stage(self.config, self.workdir, self.dataset, self.embeddings,
-                                  force=force)
+    provided = self.config.index.source == "file"  # codes from a file: no embeddings
+    self._index = run_index_stage(self.config, self.workdir, self.dataset,
+                                  None if provided else self.embeddings, force=force)
 
   def run_train(self, force: bool):
     from lcrec_jax.train.stage import run_train_stage

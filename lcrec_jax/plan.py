@@ -22,6 +22,15 @@ weight is ever allocated and a 7B model plans on a laptop. Printed per device:
 
 The CPU compiler's memory numbers are the CPU backend's (layouts, fusion and
 rematerialisation differ on TPU); treat them as a plan, not a measurement.
+
+`--step=eval` plans the eval stage instead (`plan_decode`): the constrained beam search
+with the params in `train.compute_dtype`, sharded by the training rules as the eval
+stage restores them from the checkpoint, `eval.batch_size` users x `eval.num_beams` beams
+over a trie of the catalogue, and says whether the peak fits a v4-32 (32 GiB per chip)
+and a v5e-16 (16 GiB per chip) slice:
+
+    python -m lcrec_jax.plan --config=configs/lcrec_arts_llama7b.py --step=eval \
+        --mesh=fsdp=16 --seq_len=1024
 """
 
 from __future__ import annotations
@@ -252,6 +261,155 @@ def plan_train_step(config: ml_collections.ConfigDict, mesh_shape: Mapping[str, 
       tokens_per_s_per_chip=tok_per_chip, target_mfu=target_mfu, peak_flops=peak)
 
 
+# HBM per chip of the slices the paper recipes target (16 chips each).
+SLICE_HBM_GIB = {"v4-32": 32.0, "v5e-16": 16.0}
+
+
+@dataclasses.dataclass
+class DecodePlan:
+  """What `plan_decode` found for the eval stage's beam search (bytes per device).
+
+  Attributes:
+    mesh_shape: `{"data": ., "fsdp": ., "tensor": .}` (the training mesh, which eval uses).
+    num_params: parameter count.
+    dtype: the params' dtype (`train.compute_dtype`, what eval restores them in).
+    batch: users per beam-search call (`eval.batch_size` rounded up to data x fsdp).
+    prompt_len: padded prompt tokens (the largest bucket by default).
+    num_beams: beams per user.
+    num_items: catalogue size of the trie.
+    param_bytes: params per device, from their training shardings.
+    param_bytes_replicated_f32: what every device held when eval re-read the float32
+      HF export replicated (the former handoff), for comparison.
+    argument_bytes, output_bytes, temp_bytes, code_bytes: `compiled.memory_analysis()`.
+    peak_bytes: argument + output + temp.
+  """
+  mesh_shape: dict[str, int]
+  num_params: int
+  dtype: str
+  batch: int
+  prompt_len: int
+  num_beams: int
+  num_items: int
+  param_bytes: int
+  param_bytes_replicated_f32: int
+  argument_bytes: int
+  output_bytes: int
+  temp_bytes: int
+  code_bytes: int
+  peak_bytes: int
+
+
+def plan_decode(config: ml_collections.ConfigDict, mesh_shape: Mapping[str, int], *,
+                prompt_len: int | None = None, batch: int | None = None,
+                num_beams: int | None = None, num_items: int = 20956,
+                vocab_size: int | None = None, devices: Sequence[Any] | None = None
+                ) -> DecodePlan:
+  """Lowers and compiles the eval stage's constrained beam search; nothing is allocated.
+
+  The params are `jax.ShapeDtypeStruct`s in `train.compute_dtype` with the shardings the
+  training rules give them (as `lcrec_jax.eval.restore` places them); the prompt batch is
+  split over data x fsdp (as `lcrec_jax.eval.evaluate.Decoder` does); the trie is built
+  for `num_items` items with random distinct codes of `c.rqvae.num_levels` x
+  `c.rqvae.codebook_size` (default 20,956: Arts, the largest of the paper's datasets).
+
+  Args:
+    config: a recipe (`c.model`, `c.train.compute_dtype`, `c.mesh.axis_rules`,
+      `c.eval`, `c.tasks.buckets`, `c.rqvae`).
+    mesh_shape: `{"data": ., "fsdp": ., "tensor": .}`.
+    prompt_len: padded prompt length (default: the largest of `c.tasks.buckets`).
+    batch: users per call (default `c.eval.batch_size`), rounded up to data x fsdp.
+    num_beams: beams per user (default `c.eval.num_beams`).
+    num_items: catalogue size.
+    vocab_size: override the vocabulary (default: preset + item-code tokens).
+    devices: mesh devices (default the first `prod(mesh_shape)` of `jax.devices()`).
+  """
+  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from lcrec_jax.decode.beam_search import constrained_beam_search
+  from lcrec_jax.decode.trie import build_trie
+  from lcrec_jax.index.item_index import ItemIndex
+  from lcrec_jax.llm.model import Llama
+  from lcrec_jax.train import mesh as mesh_lib
+  from lcrec_jax.train import state as state_lib
+  # pylint: enable=g-import-not-at-top
+  shape = tuple(int(mesh_shape.get(a, 1)) for a in mesh_lib.MESH_AXES)
+  n_dev = math.prod(shape)
+  if devices is None:
+    if len(jax.devices()) < n_dev:
+      raise ValueError(f"--mesh: {dict(zip(mesh_lib.MESH_AXES, shape))} needs {n_dev} "
+                       f"devices, {len(jax.devices())} are available (set --devices)")
+    devices = jax.devices()[:n_dev]
+  mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(zip(mesh_lib.MESH_AXES, shape))),
+                            devices)
+  rules = mesh_lib.axis_rules(config.get("mesh", None))
+  ways = shape[0] * shape[1]
+  batch = int(batch or config.eval.batch_size)
+  batch = -(-batch // ways) * ways
+  prompt_len = int(prompt_len or max(config.tasks.buckets))
+  num_beams = int(num_beams or config.eval.num_beams)
+  dtype = jnp.dtype(config.train.compute_dtype)
+
+  cfg = model_config_for_plan(config, vocab_size)
+  model = Llama(cfg)
+  boxed = state_lib.abstract_boxed_params(model, np.zeros((1, 8), np.int32))
+  shardings = mesh_lib.param_shardings(boxed, mesh, rules)
+  params = jax.tree.map(
+      lambda x, sh: jax.ShapeDtypeStruct(
+          x.shape, dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype, sharding=sh),
+      nn.unbox(boxed), shardings)
+  levels, k = int(config.rqvae.num_levels), int(config.rqvae.codebook_size)
+  rng = np.random.default_rng(0)
+  codes = np.unique(rng.integers(0, k, (2 * num_items, levels)), axis=0)
+  codes = rng.permutation(codes)[:num_items]
+  index = ItemIndex(tuple(str(i) for i in range(len(codes))), codes, (k,) * levels)
+  rep = mesh_lib.replicated(mesh)
+  trie = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                      build_trie(index))
+  code_ids = jax.ShapeDtypeStruct((levels, k), jnp.int32, sharding=rep)
+  row = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh_lib.BATCH_AXES))
+  prompt = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=row)
+  compiled = constrained_beam_search.lower(
+      model, params, prompt, prompt, code_ids, trie, None, num_beams=num_beams,
+      mode="trie").compile()
+  mem = compiled.memory_analysis()
+  arg, out, tmp = (int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes),
+                   int(mem.temp_size_in_bytes))
+  return DecodePlan(
+      mesh_shape=dict(zip(mesh_lib.MESH_AXES, shape)), num_params=cfg.num_params(),
+      dtype=str(dtype), batch=batch, prompt_len=prompt_len, num_beams=num_beams,
+      num_items=len(codes), param_bytes=_sharded_bytes(params),
+      param_bytes_replicated_f32=4 * cfg.num_params(), argument_bytes=arg,
+      output_bytes=out, temp_bytes=tmp,
+      code_bytes=int(getattr(mem, "generated_code_size_in_bytes", 0)),
+      peak_bytes=arg + out + tmp)
+
+
+def format_decode_plan(p: DecodePlan) -> str:
+  """Human-readable report of a `DecodePlan`, with the fit on the paper's slices."""
+  g = lambda b: f"{b / GIB:8.3f} GiB"
+  mesh = ", ".join(f"{k}={v}" for k, v in p.mesh_shape.items())
+  n_dev = math.prod(p.mesh_shape.values())
+  fits = ", ".join(f"{name} ({hbm:.0f} GiB/chip): "
+                   f"{'fits' if p.peak_bytes <= hbm * GIB else 'does NOT fit'}"
+                   for name, hbm in SLICE_HBM_GIB.items())
+  return "\n".join([
+      f"eval beam search, mesh ({mesh}) = {n_dev} devices; {p.num_params / 1e9:.3f} B params "
+      f"in {p.dtype}; {p.batch} users x {p.num_beams} beams, prompts of {p.prompt_len} "
+      f"tokens, trie of {p.num_items} items",
+      "per device:",
+      f"  params (sharded as in training) {g(p.param_bytes)}   (float32 replicated, the "
+      f"former HF-export handoff: {g(p.param_bytes_replicated_f32)})",
+      f"  compiled arguments       {g(p.argument_bytes)}",
+      f"  compiled outputs         {g(p.output_bytes)}",
+      f"  temporaries (KV cache, activations) {g(p.temp_bytes)}",
+      f"  peak estimate            {g(p.peak_bytes)}",
+      f"  {fits}",
+  ])
+
+
 def format_plan(p: Plan) -> str:
   """Human-readable report of a `Plan`."""
   g = lambda b: f"{b / GIB:8.3f} GiB"
@@ -288,6 +446,11 @@ def main(argv: Sequence[str]) -> None:
   from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
   flags = absl_flags.FLAGS
   mesh_shape = parse_mesh(flags.mesh)
+  if flags.step == "eval":
+    print(format_decode_plan(plan_decode(flags.config, mesh_shape,
+                                         prompt_len=flags.seq_len or None,
+                                         batch=flags.batch_size or None)))
+    return
   p = plan_train_step(flags.config, mesh_shape, seq_len=flags.seq_len,
                       global_batch=flags.batch_size or None,
                       grad_accum_steps=flags.grad_accum_steps or None,
@@ -302,6 +465,9 @@ def _define_flags():
   config_flags.DEFINE_config_file("config", None, "recipe file, e.g. configs/lcrec_arts_llama7b.py")
   flags.DEFINE_string("mesh", "fsdp=8", "mesh axis sizes, e.g. 'fsdp=8' or "
                       "'data=2,fsdp=4,tensor=1' (unnamed axes are 1)")
+  flags.DEFINE_enum("step", "train", ["train", "eval"], "what to plan: the train step, or "
+                    "the eval stage's beam search (--seq_len = padded prompt length, "
+                    "--batch_size = users per call, 0 = the recipe's eval.batch_size)")
   flags.DEFINE_integer("devices", 0, "simulated CPU devices (0 = the mesh's size)")
   flags.DEFINE_integer("seq_len", 512, "tokens per example")
   flags.DEFINE_integer("batch_size", 0, "global batch (0 = the recipe's train.batch_size)")

@@ -10,6 +10,12 @@ Modes:
   single  one process with 8 simulated devices: the same training run on the whole
           global batch (the reference), then restores the pair's last checkpoint from
           `--restore_from` into its own 8-device mesh; writes all of it to `--out`.
+  pipe_pair / pipe_single
+          the real stages on MovieLens-100K (`pipeline_config`): index (a tiny RQ-VAE on
+          the item embeddings of `--embeddings`) -> train (6 steps) -> HF export -> eval
+          (checkpoint restored onto the mesh), on a (data=1, fsdp=2, tensor=4) mesh; in
+          the pair the fsdp axis spans the two processes, so every weight sharded over
+          `embed` lives half on each. Writes codes, losses, metrics and shard facts.
 
 The device count must be fixed before jax is imported, hence a separate script.
 """
@@ -23,18 +29,21 @@ import sys
 
 def _parse() -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__)
-  p.add_argument("--mode", choices=("pair", "single"), required=True)
+  p.add_argument("--mode", choices=("pair", "single", "pipe_pair", "pipe_single"),
+                 required=True)
   p.add_argument("--process_id", type=int, default=0)
   p.add_argument("--num_processes", type=int, default=2)
   p.add_argument("--port", type=int, default=0)
   p.add_argument("--workdir", required=True)
   p.add_argument("--out", required=True)
   p.add_argument("--restore_from", default="")
+  p.add_argument("--embeddings", default="", help="pipe_*: [1682, dim] .npy item embeddings")
   return p.parse_args()
 
 
 ARGS = _parse()
-_LOCAL_DEVICES = 4 if ARGS.mode == "pair" else 8
+_PAIR = ARGS.mode in ("pair", "pipe_pair")
+_LOCAL_DEVICES = 4 if _PAIR else 8
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={_LOCAL_DEVICES}"
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-if ARGS.mode == "pair":
+if _PAIR:
   jax.distributed.initialize(coordinator_address=f"localhost:{ARGS.port}",
                              num_processes=ARGS.num_processes, process_id=ARGS.process_id,
                              initialization_timeout=120)
@@ -128,8 +137,75 @@ def restore_checkpoint(model, params, config, checkpoint_dir: str):
   return step, restored, data
 
 
+def pipeline_config(embeddings: str) -> ml_collections.ConfigDict:
+  """The quick recipe cut to seconds: 3 x 16 codes, 6 train steps, 16 users evaluated."""
+  from configs import ml100k_quick  # pylint: disable=g-import-not-at-top
+  c = ml100k_quick.get_config()
+  c.embed.encoder, c.embed.npy_path = "npy", embeddings
+  c.rqvae.update(dict(encoder_layers=(32,), e_dim=8, num_levels=3, codebook_size=16,
+                      sk_epsilons=(0.0, 0.0, 0.003), kmeans_iters=10, warmup_epochs=1,
+                      batch_size=512, epochs=4, eval_every=2, checkpoint_every=2))
+  c.index.repair_rounds = 2
+  c.tasks.names, c.tasks.sample_nums = ("seqrec", "item2index"), (160, 80)
+  c.tasks.prompt_sample_nums, c.tasks.history_loss_tasks = (1, 1), ("seqrec",)
+  c.tasks.buckets = (256,)
+  c.model.tokenizer_vocab = 512
+  c.model.overrides.hidden, c.model.overrides.intermediate = 32, 64
+  c.train.update(dict(batch_size=8, num_steps=6, checkpoint_every=100, valid_users=8,
+                      tensorboard=False, async_checkpoint=False))
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 2, 4  # fsdp spans the two processes
+  c.eval.update(dict(max_users=16, batch_size=8, num_beams=10, template_ids=(0,),
+                     splits=("test",), quick_users=8))
+  return c
+
+
+def pipeline() -> None:
+  """index -> train -> export -> eval through the real stages (modes pipe_*)."""
+  import json  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.data.loaders import load_dataset  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.encoders.item_embeddings import item_embeddings  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.eval import stage as eval_stage  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.index import stage as index_stage  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.train import stage as train_stage  # pylint: disable=g-import-not-at-top
+  c = pipeline_config(ARGS.embeddings)
+  dataset = load_dataset(c.data)
+  x = item_embeddings(c.embed, dataset.item_texts())
+  index = index_stage.run_index_stage(c, ARGS.workdir, dataset, x)
+  train_stage.run_train_stage(c, ARGS.workdir, dataset, index)
+  results = eval_stage.run_eval_stage(c, ARGS.workdir, dataset, index)
+  model, params, tokenizer = eval_stage.load_trained(c, ARGS.workdir, index)
+  gate = params["layers_0"]["mlp"]["gate_proj"]["kernel"]  # [embed 32, mlp 64]
+  # The ranked lists behind the metrics (6 steps teach little: metrics may be all zero).
+  from lcrec_jax.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.tasks.builders import seqrec_eval_examples  # pylint: disable=g-import-not-at-top
+  prompts = [evaluate_lib.eval_prompt_ids(tokenizer, ex.instruction, c.tasks, index.num_levels)
+             for ex in seqrec_eval_examples(dataset, index, "test", 0, 20)[:8]]
+  decoder = evaluate_lib.Decoder(model, tokenizer, index, c.tasks.buckets,
+                                 mesh=eval_stage.params_mesh(params))
+  items, scores = decoder.rank(params, prompts, num_beams=10, mode="trie", batch_size=8)
+  with open(os.path.join(ARGS.workdir, "train", "metrics.jsonl"), encoding="utf-8") as f:
+    losses = [json.loads(l)["train/loss"] for l in f if "train/loss" in l]
+  m = results["test"]["mean"]
+  out = {"codes": np.asarray(index.codes), "loss": np.asarray(losses),
+         "beam_items": items, "beam_scores": scores,
+         "metrics": np.asarray([m[k] for k in sorted(m)]),
+         "metric_names": np.asarray(sorted(m)),
+         "process_count": np.asarray(jax.process_count()),
+         "gate_fully_addressable": np.asarray(gate.is_fully_addressable),
+         "gate_local_rows": np.asarray(sorted({s.index[0].start or 0
+                                               for s in gate.addressable_shards}))}
+  out.update(flat(multihost_utils.process_allgather(params, tiled=True), "params"))
+  if jax.process_index() == 0:
+    np.savez(ARGS.out, **out)
+  if _PAIR:
+    multihost_utils.sync_global_devices("lcrec_jax multihost pipeline done")
+
+
 def main() -> None:
   assert jax.local_device_count() == _LOCAL_DEVICES, jax.local_devices()
+  if ARGS.mode.startswith("pipe_"):
+    pipeline()
+    return
   model, params = model_and_params()
   config = make_config()
   res = trainer_lib.train(config, ARGS.workdir, model, params, batches, STEPS_PER_EPOCH)

@@ -85,3 +85,41 @@ def test_cli_on_quick_recipe():
   assert out.returncode == 0, out.stderr[-3000:]
   assert "mesh (data=2, fsdp=1, tensor=2) = 4 devices" in out.stdout
   assert "peak estimate" in out.stdout and "tokens/s per chip" in out.stdout
+
+
+@pytest.fixture(scope="module")
+def llama7b_decode_plan():
+  """The eval stage's beam search of the 7B recipe: bf16 params sharded 8 ways over fsdp,
+  8 users x 20 beams, 64-token prompts, a 2,000-item trie (short compile)."""
+  config = get_config()
+  return config, plan_lib.plan_decode(config, {"fsdp": 8}, prompt_len=SEQ, batch=8,
+                                      num_items=2000)
+
+
+def test_llama7b_decode_params_are_sharded_bf16(llama7b_decode_plan):
+  config, p = llama7b_decode_plan
+  cfg = plan_lib.model_config_for_plan(config)
+  n = cfg.num_params()
+  norms = (2 * cfg.num_hidden_layers + 1) * cfg.hidden_size  # replicated RMSNorm scales
+  assert p.dtype == "bfloat16" and p.num_params == n
+  assert p.param_bytes == ((n - norms) // 8 + norms) * 2  # training's shardings, 2 bytes
+  assert p.param_bytes_replicated_f32 == 4 * n  # the former float32 replicated handoff
+  assert (p.num_beams, p.batch, p.prompt_len, p.num_items) == (20, 8, SEQ, 2000)
+  # Arguments: the params plus small inputs (prompt, mask, code ids, the trie tables).
+  assert p.param_bytes <= p.argument_bytes < p.param_bytes + (64 << 20)
+  assert p.peak_bytes == p.argument_bytes + p.output_bytes + p.temp_bytes
+  assert p.peak_bytes < 16 * plan_lib.GIB  # fits a v5e chip
+  text = plan_lib.format_decode_plan(p)
+  assert "v4-32 (32 GiB/chip): fits" in text and "v5e-16 (16 GiB/chip): fits" in text
+
+
+def test_cli_eval_step_on_quick_recipe():
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run(
+      [sys.executable, "-m", "lcrec_jax.plan", "--config=configs/ml100k_quick.py",
+       "--step=eval", "--mesh=fsdp=2,tensor=2", "--seq_len=64"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "eval beam search, mesh (data=1, fsdp=2, tensor=2) = 4 devices" in out.stdout
+  assert "16 users x 20 beams, prompts of 64 tokens" in out.stdout
+  assert "peak estimate" in out.stdout

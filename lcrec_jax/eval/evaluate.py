@@ -146,16 +146,22 @@ class Decoder:
   Sharding: with a ``mesh`` (one ``"data"`` axis, :func:`data_mesh`), each batch of users
   is split over the ``data`` axis and the parameters are replicated, so every chip
   decodes ``batch_size / data`` users of each call (the batch is rounded up to a multiple
-  of the axis size). Every process passes the same prompts and gets every result back,
-  so this also runs on multi-host pods. Without a mesh, one device decodes everything.
+  of the axis size). With the training mesh ``('data', 'fsdp', 'tensor')`` the params
+  must already be placed on it (sharded as in training, :mod:`lcrec_jax.eval.restore`)
+  and are used as they are; each batch is split over ``data`` x ``fsdp``. Every process
+  passes the same prompts and gets every result back, so this also runs on multi-host
+  pods. Without a mesh, one device decodes everything.
   """
 
   def __init__(self, model: Llama, tokenizer: Any, index: ItemIndex,
                buckets: Sequence[int], trie: Trie | None = None, mesh: Mesh | None = None):
-    if mesh is not None and tuple(mesh.axis_names) != ("data",):
-      raise ValueError(f"evaluation mesh must have the single axis ('data',), got "
-                       f"{mesh.axis_names}")
+    names = None if mesh is None else tuple(mesh.axis_names)
+    if names not in (None, ("data",), ("data", "fsdp", "tensor")):
+      raise ValueError(f"evaluation mesh must have the axes ('data',) or ('data', 'fsdp', "
+                       f"'tensor'), got {names}")
     self.mesh = mesh
+    # Params replicated for the call on a ("data",) mesh; used in place on a training mesh.
+    self._batch_axes = ("data",) if names == ("data",) else ("data", "fsdp")
     self._replicated_params: tuple[Any, Any] | None = None
     self.model = model
     self.index = index
@@ -199,9 +205,10 @@ class Decoder:
     """
     n = len(prompts)
     if self.mesh is not None:
-      ways = self.mesh.shape["data"]
+      ways = int(np.prod([self.mesh.shape[a] for a in self._batch_axes]))
       batch_size = -(-batch_size // ways) * ways
-      params, lora = self._replicate(params, lora)
+      if self._batch_axes == ("data",):
+        params, lora = self._replicate(params, lora)
     items = np.full((n, num_beams), -1, np.int64)
     scores = np.full((n, num_beams), -np.inf, np.float32)
     lengths = np.asarray([len(p) for p in prompts], np.int64)
@@ -251,10 +258,10 @@ class Decoder:
     return out
 
   def _batch(self, rows: np.ndarray) -> jax.Array:
-    """``[batch, len]`` host rows as a device array, split over ``data`` with a mesh."""
+    """``[batch, len]`` host rows as a device array, split over the batch axes with a mesh."""
     if self.mesh is None:
       return jnp.asarray(rows)
-    sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+    sharding = NamedSharding(self.mesh, PartitionSpec(self._batch_axes))
     return jax.make_array_from_callback(rows.shape, sharding, lambda idx: rows[idx])
 
   def _gather(self, tree: Any) -> Any:

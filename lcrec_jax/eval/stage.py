@@ -1,13 +1,23 @@
-"""The eval stage: full-ranking HR/NDCG of the exported model on valid and test.
+"""The eval stage: full-ranking HR/NDCG of the trained model on valid and test.
 
-Loads ``<workdir>/model/`` (written by the train stage), runs
-:func:`lcrec_jax.eval.evaluate.evaluate` over the configured seqrec templates and
-masks, writes ``<workdir>/eval/results.json`` atomically and prints the table, next to
-the baselines of ``<workdir>/baselines/results.json`` when that stage has run.
+Restores the trained parameters from the train stage's last checkpoint
+(``<workdir>/train/checkpoints``, :mod:`lcrec_jax.eval.restore`) onto the configured
+``('data', 'fsdp', 'tensor')`` mesh, sharded by the same logical-axis rules as training,
+with LoRA adapters merged on the devices and floating params in ``train.compute_dtype``;
+the model and tokenizer are rebuilt from the recipe exactly as training built them
+(a trained tokenizer from ``<workdir>/train/tokenizer/``). The beam search then decodes
+with the sharded params, each batch of users split over ``data`` x ``fsdp``
+(:class:`lcrec_jax.eval.evaluate.Decoder`). The HF export ``<workdir>/model/`` is an
+output for other tools and ``recommend``; it is not read here (its ``DONE`` marks the
+train stage as finished). Runs :func:`lcrec_jax.eval.evaluate.evaluate` over the
+configured seqrec templates and masks, writes ``<workdir>/eval/results.json`` atomically
+and prints the table, next to the baselines of ``<workdir>/baselines/results.json`` when
+that stage has run.
 """
 
 from __future__ import annotations
 
+import jax
 import ml_collections
 from absl import logging
 
@@ -16,10 +26,12 @@ from lcrec_jax import workdir as workdir_lib
 from lcrec_jax.data.dataset import Dataset
 from lcrec_jax.eval import evaluate as evaluate_lib
 from lcrec_jax.eval import report
+from lcrec_jax.eval import restore as restore_lib
 from lcrec_jax.index.item_index import ItemIndex
-from lcrec_jax.llm import build, safetensors_io
+from lcrec_jax.llm import build
 from lcrec_jax.llm.model import Llama
 from lcrec_jax.llm.tokenizer import LCRecTokenizer
+from lcrec_jax.train import mesh as mesh_lib
 
 
 def _baseline_lines(workdir: str) -> list[str]:
@@ -34,6 +46,36 @@ def _baseline_lines(workdir: str) -> list[str]:
           for name, m in rows]
 
 
+def params_mesh(params) -> jax.sharding.Mesh:
+  """The mesh the (restored) params live on."""
+  return jax.tree.leaves(params)[0].sharding.mesh
+
+
+def load_trained(config: ml_collections.ConfigDict, workdir: str, index: ItemIndex
+                 ) -> tuple[Llama, dict, LCRecTokenizer]:
+  """``(model, params, tokenizer)`` of the finished train stage, params sharded on a mesh.
+
+  The model, the tokenizer and the frozen part of the params (a LoRA base) are built
+  from the recipe as the train stage built them; the trained part comes from the newest
+  checkpoint under ``<workdir>/train/checkpoints``. The mesh is ``config.mesh`` over every
+  device, with the rules of ``config.mesh.axis_rules``.
+  """
+  from lcrec_jax.train.stage import trained_tree  # pylint: disable=g-import-not-at-top
+  model, base, tokenizer = build.build_model(
+      config.model, index, config.seed, tokenizer_dir=fs.join(workdir, "train", "tokenizer"))
+  tree, mask = trained_tree(config, base, model.config)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  ckpt_dir = fs.join(workdir, "train", "checkpoints")
+  params, step = restore_lib.restore_trained_params(
+      ckpt_dir, model, tree, mask, mesh, mesh_lib.axis_rules(config.mesh),
+      compute_dtype=config.train.compute_dtype)
+  # TODO(check_finite): refuse non-finite params here with the finite-parameter check
+  # (lcrec_jax check_finite, used by export/recommend) once it is on this branch.
+  logging.info("eval stage: params of step %d restored from %s onto mesh %s (%s)", step,
+               ckpt_dir, dict(mesh.shape), config.train.compute_dtype)
+  return model, params, tokenizer
+
+
 def run_eval_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Dataset,
                    index: ItemIndex, force: bool = False) -> dict:
   path = evaluate_lib.results_path(workdir)
@@ -45,11 +87,11 @@ def run_eval_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Dat
     if not fs.exists(fs.join(model_dir, "DONE")):
       raise FileNotFoundError(f"{model_dir}/DONE not found: run the train stage first "
                               "(--stages=train)")
-    with fs.local_copy(model_dir) as local:  # gs://: downloaded to a temp dir
-      params, model_cfg = safetensors_io.load_hf_dir(local)
-      tokenizer = LCRecTokenizer.from_dir(local)
-    results = evaluate_lib.evaluate(Llama(model_cfg), params, tokenizer, dataset, index,
-                                    config.eval, config.tasks)
+    model, params, tokenizer = load_trained(config, workdir, index)
+    results = evaluate_lib.evaluate(model, params, tokenizer, dataset, index, config.eval,
+                                    config.tasks, decoder=evaluate_lib.Decoder(
+                                        model, tokenizer, index, config.tasks.buckets,
+                                        mesh=params_mesh(params)))
     evaluate_lib.write_results(results, workdir)  # process 0 only
     fs.barrier("eval_stage_written")
   text = report.format_results(results)

@@ -10,6 +10,11 @@ again; training then resumes from, or reuses, the checkpoints present: delete
 Which parameters assign the codes is ``c.index.checkpoint``: ``"best_collision"``
 (LC-Rec's choice: the evaluation with the lowest argmax collision rate, ties to the
 later epoch), ``"best_loss"``, or ``"final"``.
+
+With ``c.index.source = "file"`` no RQ-VAE is trained: the codes come from LC-Rec's
+``X.index.json`` at ``c.index.path``, checked against the dataset and made unique
+(:mod:`lcrec_jax.index.provided`), and the same ``index.json``, ``report.json``,
+``codes.png`` and ``DONE`` are written.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import numpy as np
 from lcrec_jax import fs
 from lcrec_jax import workdir as workdir_lib
 from lcrec_jax.data.dataset import Dataset
+from lcrec_jax.errors import ConfigError
 from lcrec_jax.index import assign
+from lcrec_jax.index import provided
 from lcrec_jax.index import report as report_lib
 from lcrec_jax.index import trainer
 from lcrec_jax.index.item_index import ItemIndex
@@ -54,13 +61,16 @@ def load_index(workdir: str, dataset: Dataset) -> ItemIndex:
 
 def run_index_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Dataset,
                     embeddings: np.ndarray, force: bool = False) -> ItemIndex:
-  """Trains (or resumes) the RQ-VAE, assigns conflict-free codes, writes the outputs.
+  """Trains (or resumes) the RQ-VAE, assigns conflict-free codes, writes the outputs
+  (or, for ``c.index.source = "file"``, reads and checks the codes of ``c.index.path``).
 
   Args:
     config: the whole run config (uses ``c.seed``, ``c.rqvae``, ``c.index``).
     workdir: run directory.
     dataset: the dataset; row ``i`` of ``embeddings`` is ``dataset.items[i]``.
-    embeddings: ``[num_items, dim]`` item embeddings.
+    embeddings: ``[num_items, dim]`` item embeddings (unused, may be None, for
+      ``c.index.source = "file"``: the codes come from ``c.index.path``,
+      :mod:`lcrec_jax.index.provided`).
     force: run even if ``<workdir>/index/DONE`` exists.
 
   Returns:
@@ -73,6 +83,11 @@ def run_index_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
                  index.num_items, paths["index"])
     return index
   fs.remove(paths["done"])  # process 0 only, like every write below
+  if config.index.source == "file":
+    return _run_provided(config, paths, dataset)
+  if config.index.source != "rqvae":
+    raise ConfigError(f"config index.source must be 'rqvae' or 'file', got "
+                      f"{config.index.source!r}")
 
   x = np.asarray(embeddings, np.float32)
   if x.ndim != 2 or x.shape[0] != dataset.num_items:
@@ -120,6 +135,30 @@ def run_index_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
                                                "time": time.strftime("%Y-%m-%d %H:%M:%S")})
   fs.barrier("index_stage_written")  # later stages may read what process 0 wrote
   _log_summary(rep, paths["dir"])
+  return index
+
+
+def _run_provided(config: ml_collections.ConfigDict, paths: dict[str, str],
+                  dataset: Dataset) -> ItemIndex:
+  """``index.source = "file"``: the codes of ``index.path``, checked and made unique."""
+  if not config.index.path:
+    raise ConfigError("config index.source='file' needs index.path (an LC-Rec "
+                      "X.index.json); set --config.index.path=...")
+  index, rep = provided.provided_index(config.index.path, dataset,
+                                       int(config.index.level_size))
+  index.save(paths["index"])
+  report_lib.write_json_atomic(paths["report"], rep)
+  report_lib.plot_codes(paths["plot"], [], index.codes, index.level_sizes)
+  report_lib.write_json_atomic(paths["done"], {"num_items": index.num_items,
+                                               "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+  fs.barrier("index_stage_written")
+  r = rep["repair"]
+  logging.info("index stage: %d item codes read from %s, levels %s; collision rate %.4f -> "
+               "%.4f; %d items moved by the uniqueness step, %s; outputs in %s",
+               index.num_items, config.index.path, rep["level_sizes"],
+               rep["collision_rate_before"], rep["collision_rate_after"], r["items_moved"],
+               f"extra level of {r['extra_level_size']}" if r["extra_level_added"]
+               else "no extra level", paths["dir"])
   return index
 
 

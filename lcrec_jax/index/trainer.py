@@ -173,18 +173,26 @@ def _managers(ckpt_dir: str, keep: int) -> dict[str, ocp.CheckpointManager]:
   out = {}
   for kind in CHECKPOINT_KINDS:
     opts = ocp.CheckpointManagerOptions(
-        max_to_keep=max(1, int(keep)) if kind == "latest" else 1, create=True)
+        max_to_keep=max(1, int(keep)) if kind == "latest" else 1, create=True,
+        # multi-host: three managers' async commits interleave their cross-process
+        # barriers differently on each host and hang (seen with two processes)
+        enable_async_checkpointing=jax.process_count() == 1)
     out[kind] = ocp.CheckpointManager(fs.path(ckpt_dir) / kind, options=opts)
   return out
 
 
 def _save(mngr: ocp.CheckpointManager, epoch: int, state: Any, meta: dict) -> None:
+  if jax.process_count() > 1:  # every process trains the same copy on its own device;
+    state = jax.device_get(state)  # orbax refuses host-local arrays, numpy it takes
   mngr.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                            meta=ocp.args.JsonSave(meta)), force=True)
 
 
 def _restore(mngr: ocp.CheckpointManager, epoch: int, like: Any) -> tuple[Any, dict]:
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  if jax.process_count() > 1:  # restored as numpy (see _save)
+    abstract = jax.device_get(like)
+  else:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
   res = mngr.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                     meta=ocp.args.JsonRestore()))
   return res["state"], res["meta"]

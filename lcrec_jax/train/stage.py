@@ -17,6 +17,7 @@ import time
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 from absl import logging
 
 from lcrec_jax import fs
@@ -47,6 +48,21 @@ def _valid_examples(config: ml_collections.ConfigDict, dataset: Dataset, index: 
   ex = builders.seqrec_eval_examples(dataset, index, "valid", 0, config.tasks.max_history)
   n = int(config.train.get("valid_users", 0) or 0)
   return ex[:n] if n > 0 else ex
+
+
+def trained_tree(config: ml_collections.ConfigDict, params, cfg):
+  """``(tree, mask)`` training starts from: the params, or with ``model.lora.rank > 0``
+  ``{"params": params, "lora": adapters}`` and its trainable mask (else None).
+
+  The eval stage rebuilds the same tree to restore the checkpoint's trainable part.
+  """
+  lc = config.model.get("lora", None)
+  if lc is None or lc.rank <= 0:
+    return params, None
+  adapters = lora_lib.init_lora(jax.random.PRNGKey(config.seed + 1), params, cfg,
+                                rank=lc.rank, alpha=lc.alpha, targets=tuple(lc.targets))
+  tree = {"params": params, "lora": adapters}
+  return tree, lora_lib.trainable_mask(tree, train_embeddings_rows=lc.train_embeddings)
 
 
 def run_train_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Dataset,
@@ -102,12 +118,8 @@ def run_train_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
 
   seed = config.seed
   pi, pc = jax.process_index(), jax.process_count()
-  train_params, mask, tail = params, None, None
-  if lc is not None and lc.rank > 0:
-    adapters = lora_lib.init_lora(jax.random.PRNGKey(seed + 1), params, cfg, rank=lc.rank,
-                                  alpha=lc.alpha, targets=tuple(lc.targets))
-    train_params = {"params": params, "lora": adapters}
-    mask = lora_lib.trainable_mask(train_params, train_embeddings_rows=lc.train_embeddings)
+  train_params, mask = trained_tree(config, params, cfg)
+  tail = None
   is_lora = mask is not None
   callbacks = [evaluate_lib.validation_hook(
       model, tokenizer, dataset, index, config.eval, config.tasks,
@@ -124,7 +136,10 @@ def run_train_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
                     result.step)
     raise SystemExit(1)
 
-  final = jax.device_get(result.state.params)
+  # The HF export is an output (eval restores the checkpoint). The params may be sharded
+  # over several hosts (fsdp): every process joins the gather, process 0 writes whole
+  # tensors.
+  final = multihost_utils.process_allgather(result.state.params, tiled=True)
   lora_params = None
   if isinstance(final, dict) and "lora" in final:
     final, lora_params = final["params"], final["lora"]
