@@ -170,4 +170,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.max_users = 0                # 0 = every user; else a seeded sample
   c.eval.quick_users = 128            # users in the trainer's validation HR/NDCG
   c.eval.seed = 0
+  # protocol: False = every item ranked (LC-Rec's paper); True = each user's seen items
+  # banned inside the beam search (RecBole-style toolkits); results name it
+  c.eval.exclude_seen = False
   return c
