@@ -83,7 +83,8 @@ def summary_lines(results: Mapping[str, Any]) -> list[str]:
       res = results.get(model, {}).get(protocol)
       if res is not None:
         t = res["test"]
-        lines.append(f"baseline {NAMES[model]:<10} ({header:<19}) test HR@10 {t['HR@10']:.4f}  "
+        label = f"({header})"
+        lines.append(f"baseline {NAMES[model]:<10} {label:<21} test HR@10 {t['HR@10']:.4f}  "
                      f"NDCG@10 {t['NDCG@10']:.4f}")
   return lines
 
