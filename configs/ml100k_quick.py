@@ -158,10 +158,15 @@ def get_config() -> ml_collections.ConfigDict:
       ("activation_heads", "tensor"), ("activation_kv_heads", "tensor"),
       ("activation_mlp", "tensor"), ("activation_vocab", "tensor"))
 
-  # --- baselines (lcrec_jax/baselines): popularity and SASRec on the same split -------
+  # --- baselines (lcrec_jax/baselines): same split, both protocols (masked, unmasked) --
   c.baseline = ml_collections.ConfigDict()
+  c.baseline.models = ("popularity", "sasrec", "gru4rec")  # which baselines the stage runs
   c.baseline.sasrec = ml_collections.ConfigDict(dict(
       max_len=50, dim=64, num_blocks=2, num_heads=1, dropout=0.2, lr=1e-3, batch_size=128,
+      epochs=200, eval_every=5, patience=6))
+  # GRU4Rec (RecBole's CE setting): embedding dim, GRU width and layers, embedding dropout
+  c.baseline.gru4rec = ml_collections.ConfigDict(dict(
+      max_len=50, dim=64, hidden=128, num_layers=1, dropout=0.3, lr=1e-3, batch_size=128,
       epochs=200, eval_every=5, patience=6))
 
   # --- evaluation (lcrec_jax/eval/evaluate.py) and recommend ---------------------------
@@ -178,4 +183,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.max_users = 0                # 0 = every user; else a seeded sample
   c.eval.quick_users = 128            # users in the trainer's validation HR/NDCG
   c.eval.seed = 0
+  # protocol: False = every item ranked (LC-Rec's paper); True = each user's seen items
+  # banned inside the beam search (RecBole-style toolkits); results name it
+  c.eval.exclude_seen = False
   return c

@@ -234,14 +234,17 @@ def recommend(run: FinishedRun, history: Sequence[int], k: int = 10, *,
   prompt = ev.eval_prompt_ids(run.tokenizer, instruction, cfg_tasks, run.index.num_levels)
   if decoder is None:
     decoder = ev.Decoder(run.model, run.tokenizer, run.index, cfg_tasks.get("buckets"))
-  skip = set() if include_history else set(int(i) for i in history)
+  # History items are banned inside the beam search (trie mode), so every beam is a
+  # candidate; the position mask drops them after the search, hence the extra beams.
+  skip = [] if include_history else sorted(set(int(i) for i in history))
   base = int(cfg_eval.get("num_beams", 20)) if cfg_eval else 20
-  num_beams = min(run.index.num_items, max(base, k + len(skip)))
+  extra = len(skip) if mode == "position" else 0
+  num_beams = min(run.index.num_items, max(base, k + extra))
   items, scores = decoder.rank(run.params, [prompt], num_beams=num_beams, mode=mode,
-                               batch_size=1)
+                               batch_size=1, exclude=[skip] if skip else None)
   out = []
   for item, score in zip(items[0].tolist(), scores[0].tolist()):
-    if item < 0 or item in skip:
+    if item < 0:
       continue
     it = run.dataset.items[item]
     out.append({"rank": len(out) + 1, "item_id": it.item_id, "title": display_title(it),

@@ -54,7 +54,7 @@ STAGES = ("index", "train", "eval", "baseline")
 UPSTREAM = {"index": (), "train": ("index",), "eval": ("index", "train"), "baseline": ()}
 # The directory that holds each stage's DONE and MANIFEST.json, and what marks it done.
 _STAGE_DIR = {"index": "index", "train": "model", "eval": "eval", "baseline": "baselines"}
-_DONE = {"index": "DONE", "train": "DONE", "eval": "results.json", "baseline": "results.json"}
+_DONE = {"index": "DONE", "train": "DONE", "eval": "results.json", "baseline": "DONE"}
 # Directories a from-scratch run removes first (checkpoints included).
 _STATE_DIRS = {"index": ("index",), "train": ("train", "model"), "eval": ("eval",),
                "baseline": ("baselines",)}
@@ -120,7 +120,8 @@ def results_path(workdir: str) -> str:
 
 
 def baseline_results_path(workdir: str) -> str:
-  return done_path(workdir, "baseline")
+  """Written after every baseline model (an interrupted stage keeps what finished)."""
+  return fs.join(stage_dir(workdir, "baseline"), "results.json")
 
 
 def _jsonable(x: Any) -> Any:

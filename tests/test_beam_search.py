@@ -117,3 +117,74 @@ def test_split_cache_equals_full_copy_and_brute_force():
     np.testing.assert_allclose(np.asarray(split.scores[r]), ref[items], atol=1e-4)
     # 8 beams over 30 items need not be exact; with this seed they find the best item.
     assert items[0] == int(np.argmax(ref))
+
+
+def _ban(num_items, seen_per_user):
+  banned = np.zeros((len(seen_per_user), num_items), bool)
+  for r, seen in enumerate(seen_per_user):
+    banned[r, seen] = True
+  return banned
+
+
+@pytest.mark.parametrize("layout", ["dense", "csr"])
+def test_banned_items_exhaustive_equals_brute_force_over_the_rest(layout):
+  """With as many beams as items, the ban ranks exactly the unbanned items, best first;
+  a user left with fewer items than beams gets -1 / -inf in the last beams."""
+  index, code_ids, model, params = _setup()
+  trie = build_trie(index, layout)
+  prompts = [np.array([3, 17, 5, 9, 22]), np.array([11, 4, 30])]
+  tok, mask = _left_pad(prompts, 7)
+  beams = index.num_items
+  refs = [_brute_force(model, params, p, index, code_ids) for p in prompts]
+  # user 0: its 5 best items banned (the unbanned search must skip them); user 1: a
+  # whole first-level subtree (every item starting with code 0) and three more.
+  seen = [np.argsort(-refs[0])[:5],
+          np.concatenate([np.flatnonzero(index.codes[:, 0] == 0), [1, 2, 3]])]
+  seen[1] = np.unique(seen[1])
+  res = constrained_beam_search(model, params, tok, mask, jnp.asarray(code_ids), trie,
+                                num_beams=beams, banned=jnp.asarray(_ban(beams, seen)))
+  for r in range(2):
+    rest = np.setdiff1d(np.arange(index.num_items), seen[r])
+    order = rest[np.argsort(-refs[r][rest], kind="stable")]
+    items, scores = np.asarray(res.items[r]), np.asarray(res.scores[r])
+    n = len(rest)
+    np.testing.assert_array_equal(items[:n], order)
+    np.testing.assert_allclose(scores[:n], refs[r][order], atol=1e-4)
+    assert (items[n:] == -1).all() and np.isneginf(scores[n:]).all()
+
+
+def test_banned_items_small_beams_equal_search_over_the_users_own_trie():
+  """A 6-beam search with a ban is the 6-beam search over the trie of the unbanned items:
+  no beam is spent on a banned item, so all 6 beams are unseen items."""
+  index, code_ids, model, params = _setup(num_items=40, seed=1)
+  trie = build_trie(index)
+  prompts = [np.array([3, 17, 5, 9, 22]), np.array([1, 2])]
+  tok, mask = _left_pad(prompts, 5)
+  cid = jnp.asarray(code_ids)
+  plain = constrained_beam_search(model, params, tok, mask, cid, trie, num_beams=6)
+  # ban each user's 4 best beams of the plain search plus a few other items
+  seen = [np.concatenate([np.asarray(plain.items[r])[:4], [r + 7, 30]]) for r in range(2)]
+  res = constrained_beam_search(model, params, tok, mask, cid, trie, num_beams=6,
+                                banned=jnp.asarray(_ban(index.num_items, seen)))
+  for r, p in enumerate(prompts):
+    rest = np.setdiff1d(np.arange(index.num_items), seen[r])
+    sub = ItemIndex(tuple(str(i) for i in rest), index.codes[rest], index.level_sizes)
+    ref = constrained_beam_search(model, params, *_left_pad([p], 5), cid, build_trie(sub),
+                                  num_beams=6)
+    items = np.asarray(res.items[r])
+    assert (items >= 0).all() and not set(items.tolist()) & set(seen[r].tolist())
+    np.testing.assert_array_equal(items, rest[np.asarray(ref.items[0])])
+    np.testing.assert_allclose(np.asarray(res.scores[r]), np.asarray(ref.scores[0]), atol=1e-5)
+
+
+def test_banned_items_need_trie_mode_and_the_right_shape():
+  index, code_ids, model, params = _setup(num_items=10, seed=2)
+  tok, mask = _left_pad([np.array([5, 6, 7])], 3)
+  cid = jnp.asarray(code_ids)
+  with pytest.raises(ValueError, match="mode='trie'"):
+    constrained_beam_search(model, params, tok, mask, cid,
+                            allowed_codes=jnp.asarray(position_mask(index)), num_beams=4,
+                            mode="position", banned=jnp.zeros((1, 10), bool))
+  with pytest.raises(ValueError, match="num_items"):
+    constrained_beam_search(model, params, tok, mask, cid, build_trie(index), num_beams=4,
+                            banned=jnp.zeros((1, 9), bool))

@@ -187,7 +187,44 @@ def test_results_json_written_and_loadable(results):
   assert not [n for n in os.listdir(os.path.dirname(path)) if ".tmp" in n]
   json.dumps(loaded)
   table = report.format_results(loaded)
-  assert "NDCG@10" in table and "template 3" in table and "seen items excluded" in table
+  assert "NDCG@10" in table and "template 3" in table and "all items ranked" in table
+  assert "seen dropped after search" in table
+  assert loaded["test"]["protocol"] == loaded["settings"]["protocol"] == "all_items"
+
+
+def test_exclude_seen_bans_history_inside_the_search(setup, results):
+  """eval.exclude_seen: with every beam, exactly the brute-force ranking of each user's
+  unseen items; with 10 beams, 10 unseen items per user (dropping seen items after the
+  search leaves fewer)."""
+  dataset, index, tok, model, params, tasks = setup
+  cfg_eval = {"num_beams": NUM_ITEMS, "batch_size": 4, "splits": ("test",),
+              "template_ids": (0,), "modes": ("trie",), "shard": False,
+              "exclude_seen": True}
+  res = ev.evaluate(model, params, tok, dataset, index, cfg_eval, tasks, progress=False)
+  assert res["test"]["protocol"] == res["settings"]["protocol"] == "seen_excluded"
+  assert "seen_excluded" not in res["test"]  # no post-hoc figure under this protocol
+  _, want = _brute_force(dataset, index, tok, model, params, tasks, "test", 0,
+                         range(NUM_USERS))
+  for key, value in want.items():
+    assert res["test"]["mean"][key] == pytest.approx(value, abs=1e-12), key
+  assert "seen items excluded" in report.format_results(res)
+
+  prompts_ = [ev.eval_prompt_ids(tok, ex.instruction, tasks, LEVELS)
+              for ex in seqrec_eval_examples(dataset, index, "test", 0, 20)]
+  seen = [e.history for e in dataset.split().test]
+  dec = ev.Decoder(model, tok, index, tasks.buckets)
+  plain, _ = dec.rank(params, prompts_, num_beams=10, mode="trie", batch_size=4)
+  banned, _ = dec.rank(params, prompts_, num_beams=10, mode="trie", batch_size=4,
+                       exclude=seen)
+  after = ev.exclude_seen(plain, seen)
+  for r in range(NUM_USERS):
+    assert (banned[r] >= 0).all() and not set(banned[r].tolist()) & set(seen[r].tolist())
+  assert (after < 0).sum() > 0  # some users lost beams to seen items
+  # position mask: seen items dropped after the search, none left in the beams
+  pos, _ = dec.rank(params, prompts_, num_beams=10, mode="position", batch_size=4,
+                    exclude=seen)
+  for r in range(NUM_USERS):
+    assert not set(pos[r].tolist()) & set(seen[r].tolist())
 
 
 def test_quick_metrics_on_a_user_sample(setup):
@@ -207,6 +244,8 @@ def test_config_errors(setup):
     ev.EvalSettings.from_config({"num_beams": 5})
   with pytest.raises(ValueError, match="eval.modes"):
     ev.EvalSettings.from_config({"modes": ("greedy",)})
+  with pytest.raises(ValueError, match="eval.exclude_seen"):
+    ev.EvalSettings.from_config({"exclude_seen": "yes"})
   with pytest.raises(ValueError, match="eval.template_ids"):
     ev.EvalSettings.from_config({"template_ids": (99,)})
   assert ev.EvalSettings.from_config({"template_ids": None}).template_ids == tuple(range(10))

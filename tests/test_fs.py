@@ -304,7 +304,7 @@ def test_gs_eval_and_baseline_results(bucket, capsys):
   assert os.path.isfile(_local(bucket, path))
   assert evaluate_lib.load_results(wd) == results
   baselines = {"popularity": {"unmasked": {"test": {"HR@10": 0.05, "NDCG@10": 0.02}}},
-               "sasrec": {"test": {"HR@10": 0.07, "NDCG@10": 0.03}}}
+               "sasrec": {"unmasked": {"test": {"HR@10": 0.07, "NDCG@10": 0.03}}}}
   fs.write_json(wd + "/baselines/results.json", baselines)
 
   # results.json present on gs://: the real stage reads it and prints it with baselines.

@@ -129,7 +129,8 @@ def test_notebook_runs_quick_on_movielens(tmp_path, monkeypatch):
   expected = {"LC-Rec (this run; 64 users)": results["test"]["mean"],
               "popularity": baselines["popularity"]["unmasked"]["test"],
               "popularity, seen items excluded": baselines["popularity"]["masked"]["test"],
-              "SASRec": baselines["sasrec"]["test"]}
+              "SASRec": baselines["sasrec"]["unmasked"]["test"],
+              "GRU4Rec": baselines["gru4rec"]["unmasked"]["test"]}
   assert set(rows) == set(expected), rows
   for name, metrics in expected.items():
     for k in METRICS:

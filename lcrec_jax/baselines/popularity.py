@@ -1,6 +1,14 @@
-"""Popularity baseline: rank items by their count in the training sequences."""
+"""Popularity baseline: rank items by their count in the training sequences.
+
+Every user gets the same list, so nothing of size users x items is built: the catalogue is
+sorted once, and under the ``"masked"`` protocol (each user's seen items removed) a user's
+top ``k`` are the first ``k`` unseen items of that one order, found among its first
+``k + len(history)`` entries. Memory O(items + users x k).
+"""
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 
@@ -13,18 +21,26 @@ def popularity_scores(num_items: int, split: Split) -> np.ndarray:
   return np.bincount(np.concatenate(split.train), minlength=num_items).astype(np.float64)
 
 
-def rank_topk(scores: np.ndarray, k: int, exclude: list[np.ndarray] | None = None) -> np.ndarray:
-  """Top-``k`` item numbers per row of ``scores [users, items]``, best first.
+def rank_topk(scores: np.ndarray, k: int, num_users: int,
+              exclude: Sequence[np.ndarray] | None = None) -> np.ndarray:
+  """``[num_users, k]`` top item numbers of one shared ``scores [items]``, best first.
 
-  Ties break towards the lower item number (stable). ``exclude[u]`` items (a user's
-  history) are removed from user ``u``'s ranking when given.
+  Ties break towards the lower item number (a stable sort). ``exclude[u]`` items (user
+  ``u``'s history) are removed from that user's ranking when given; ``-1`` fills a list
+  when fewer than ``k`` items remain.
   """
-  scores = np.array(scores, np.float64, copy=True)
-  if exclude is not None:
-    for u, seen in enumerate(exclude):
-      scores[u, seen] = -np.inf
-  order = np.argsort(-scores, axis=1, kind="stable")
-  return order[:, :k]
+  order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+  k = min(k, len(order))
+  if exclude is None:
+    return np.broadcast_to(order[:k], (num_users, k)).copy()
+  if len(exclude) != num_users:
+    raise ValueError(f"exclude has {len(exclude)} rows for {num_users} users")
+  out = np.full((num_users, k), -1, np.int64)
+  for u, seen in enumerate(exclude):
+    head = order[:k + len(seen)]
+    keep = head[~np.isin(head, seen)][:k]
+    out[u, :len(keep)] = keep
+  return out
 
 
 def evaluate_popularity(dataset: Dataset, exclude_seen: bool, k: int = 10) -> dict[str, dict]:
@@ -33,8 +49,9 @@ def evaluate_popularity(dataset: Dataset, exclude_seen: bool, k: int = 10) -> di
   pop = popularity_scores(dataset.num_items, split)
   out = {}
   for name, examples in (("valid", split.valid), ("test", split.test)):
-    scores = np.broadcast_to(pop, (len(examples), dataset.num_items))
     exclude = [e.history for e in examples] if exclude_seen else None
-    ranked = rank_topk(scores, k, exclude)
+    ranked = rank_topk(pop, k, len(examples), exclude)
+    if ranked.shape[1] < k:  # a catalogue smaller than k
+      ranked = np.concatenate([ranked, np.full((len(ranked), k - ranked.shape[1]), -1)], 1)
     out[name] = topk_metrics(ranked, np.array([e.target for e in examples]))
   return out

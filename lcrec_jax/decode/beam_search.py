@@ -18,6 +18,13 @@ Masks (``mode``):
     an item, and as beams are distinct paths no item appears twice.
   * ``"position"``: LC-Rec's constraint, any code seen at that level; beams may spell
     codes of no item, reported as item ``-1``.
+
+Banned items (``banned [batch, num_items]``, trie mode): each user's banned items (e.g.
+already seen) are cut out of the trie for that user before the search, by following only
+nodes with an unbanned item below them (:meth:`Trie.live_nodes`). The search is then the
+same beam search over the trie of the user's remaining items: no beam is spent on a banned
+item, and with as many beams as items it ranks every remaining item exactly. A user with
+fewer remaining items than beams gets ``-1`` items and ``-inf`` scores in the last beams.
 """
 
 from __future__ import annotations
@@ -90,7 +97,8 @@ def constrained_beam_search(model: Llama, params: Any, prompt: jax.Array, prompt
                             code_token_ids: jax.Array, trie: Trie | None = None,
                             allowed_codes: jax.Array | None = None, *, num_beams: int,
                             mode: Mode = "trie", lora: Any = None,
-                            cache_layout: CacheLayout = "split") -> BeamResult:
+                            cache_layout: CacheLayout = "split",
+                            banned: jax.Array | None = None) -> BeamResult:
   """Top ``num_beams`` item codes per user.
 
   Args:
@@ -108,6 +116,8 @@ def constrained_beam_search(model: Llama, params: Any, prompt: jax.Array, prompt
     cache_layout: ``"split"`` (prompt cache once per user plus a per-beam cache of the
       generated slots) or ``"full"`` (prompt cache copied into every beam row); static.
       Both give the same beams and scores up to float rounding.
+    banned: optional ``[batch, num_items]`` bool, items each user must not get (mode
+      ``"trie"`` only; see the module docstring).
 
   Returns:
     A :class:`BeamResult`. Items come from the trie in ``"trie"`` mode; in
@@ -121,6 +131,13 @@ def constrained_beam_search(model: Llama, params: Any, prompt: jax.Array, prompt
     raise ValueError("mode='position' needs allowed_codes")
   if cache_layout not in ("split", "full"):
     raise ValueError(f"cache_layout must be 'split' or 'full', got {cache_layout!r}")
+  if banned is not None:
+    if mode != "trie":
+      raise ValueError("banned items need mode='trie' (the position mask has no items)")
+    if banned.shape != (batch, trie.num_items):
+      raise ValueError(f"banned must be [batch, num_items] = {(batch, trie.num_items)}, "
+                       f"got {banned.shape}")
+    live = trie.live_nodes(banned)                                      # [B, L, N]
   valid_token = code_token_ids >= 0
   safe_ids = jnp.maximum(code_token_ids, 0)
 
@@ -128,6 +145,11 @@ def constrained_beam_search(model: Llama, params: Any, prompt: jax.Array, prompt
     """``([batch, beams, K] allowed, [batch, beams, K] child node or item)``."""
     if mode == "trie":
       allowed, children = trie.allowed(level, nodes)
+      if banned is not None:  # only children with an unbanned item below them
+        flat = jnp.maximum(children, 0).reshape(batch, -1)
+        alive = jnp.take_along_axis(live[:, level], flat, axis=1).reshape(children.shape)
+        allowed = allowed & alive
+        children = jnp.where(allowed, children, -1)
     else:
       allowed = jnp.broadcast_to(allowed_codes[level], nodes.shape + (max_codes,))
       allowed = allowed & (nodes >= 0)[..., None]

@@ -12,6 +12,12 @@ the item number. Two layouts hold the same trie:
 
 Levels are padded to a common width so that one ``lax.fori_loop`` body serves every
 level: ``max_codes = max K_l`` and, for CSR, ``max_degree = max children of a node``.
+
+Per-user bans (e.g. the items a user has already seen): ``item_nodes [L, N]`` holds the
+node each item passes through after every level (at the last level, the item itself), so
+:meth:`Trie.live_nodes` counts, per user, the items left under every node with one
+scatter-add per level. A search that only follows live nodes never enters a subtree whose
+items are all banned, and every beam it finishes is an unbanned item.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ class Trie:
   Dense layout: ``table [L, max_nodes, max_codes]``.
   CSR layout: ``offsets [L, max_nodes + 1]``, ``edge_codes [L, max_edges]``,
   ``edge_children [L, max_edges]``.
-  Unused layout arrays are ``None``.
+  Unused layout arrays are ``None``. ``item_nodes [L, num_items]`` (both layouts): the
+  node of each item's prefix after level ``l``; at the last level the item number.
   """
 
   table: jax.Array | None
@@ -48,6 +55,30 @@ class Trie:
   max_codes: int = dataclasses.field(metadata=dict(static=True))
   max_degree: int = dataclasses.field(metadata=dict(static=True))
   layout: str = dataclasses.field(metadata=dict(static=True))
+  item_nodes: jax.Array | None = None
+
+  @property
+  def num_items(self) -> int:
+    return int(self.item_nodes.shape[1])
+
+  def live_nodes(self, banned: jax.Array) -> jax.Array:
+    """Which children still lead to an item that is not banned, per user.
+
+    Args:
+      banned: ``[batch, num_items]`` bool, ``True`` = the item must not be returned.
+    Returns:
+      ``[batch, L, num_items]`` bool: ``out[b, l, c]`` is true when node ``c`` of level
+      ``l + 1`` (an item at the last level) has at least one item below it that ``b`` may
+      get. Node numbers of a level are below ``num_items``; columns beyond are false.
+    """
+    if self.item_nodes is None:
+      raise ValueError("this trie has no item_nodes table: build it with build_trie")
+    keep = (~banned).astype(jnp.int32)                                     # [B, N]
+    rows = []
+    for l in range(self.num_levels):
+      counts = jnp.zeros_like(keep).at[:, self.item_nodes[l]].add(keep)    # [B, N]
+      rows.append(counts > 0)
+    return jnp.stack(rows, axis=1)
 
   def allowed(self, level: jax.Array, nodes: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Valid continuations of trie nodes at ``level``.
@@ -82,7 +113,7 @@ class Trie:
 
   def nbytes(self) -> int:
     return int(sum(x.nbytes for x in (self.table, self.offsets, self.edge_codes,
-                                      self.edge_children) if x is not None))
+                                      self.edge_children, self.item_nodes) if x is not None))
 
 
 def _levels(codes: np.ndarray):
@@ -110,6 +141,7 @@ def build_trie(index: ItemIndex, layout: Layout = "auto") -> Trie:
   codes = np.asarray(index.codes, np.int64)
   num_levels, max_codes = index.num_levels, max(index.level_sizes)
   levels = _levels(codes)
+  item_nodes = jnp.asarray(np.stack([child for _, _, child in levels]).astype(np.int32))
   nodes_per_level = [1] + [int(c.max()) + 1 for _, _, c in levels[:-1]]
   max_nodes = max(nodes_per_level)
   if layout == "auto":
@@ -118,7 +150,8 @@ def build_trie(index: ItemIndex, layout: Layout = "auto") -> Trie:
     table = np.full((num_levels, max_nodes, max_codes), -1, np.int32)
     for l, (parent, code, child) in enumerate(levels):
       table[l, parent, code] = child
-    return Trie(jnp.asarray(table), None, None, None, num_levels, max_codes, 1, "dense")
+    return Trie(jnp.asarray(table), None, None, None, num_levels, max_codes, 1, "dense",
+                item_nodes)
   if layout != "csr":
     raise ValueError(f"trie layout must be 'dense', 'csr' or 'auto', got {layout!r}")
   max_edges, max_degree, per_level = 1, 1, []
@@ -137,7 +170,7 @@ def build_trie(index: ItemIndex, layout: Layout = "auto") -> Trie:
     edge_codes[l, : len(c)] = c
     edge_children[l, : len(ch)] = ch
   return Trie(None, jnp.asarray(offsets), jnp.asarray(edge_codes), jnp.asarray(edge_children),
-              num_levels, max_codes, max_degree, "csr")
+              num_levels, max_codes, max_degree, "csr", item_nodes)
 
 
 def position_mask(index: ItemIndex) -> np.ndarray:

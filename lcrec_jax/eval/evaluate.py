@@ -13,19 +13,25 @@ Masks: ``"trie"`` (every beam is an item) and ``"position"`` (LC-Rec's per-level
 beams that spell no item count as misses). The share of non-empty beams that are real
 items is reported per mode: 1.0 for the trie by construction.
 
-Also reported, separately and never mixed into the main numbers: the same metrics after
-dropping items the user already interacted with from the ranked list
-(``seen_excluded``); MovieLens-100K has no repeated user-item pairs, so this is a large,
-legitimate gain that must be labelled as such.
+Protocols (``eval.exclude_seen``), named in ``results[split]["protocol"]`` and never
+mixed: ``"all_items"`` (False, LC-Rec's paper: every item is ranked, seen ones included)
+and ``"seen_excluded"`` (True, RecBole-style toolkits: each user's history items are
+banned inside the constrained beam search, :func:`constrained_beam_search` ``banned``, so
+every beam is an unseen item; the position mask, which has no items, drops them after the
+search). Under ``"all_items"`` the seen items dropped from the finished beams are also
+reported (``seen_excluded``, a post-hoc figure: fewer than ``num_beams`` candidates remain,
+so it is below the in-search protocol). MovieLens-100K has no repeated user-item pairs, so
+excluding seen items is a large, legitimate gain that must be labelled as such.
 
 Results layout (json-ready)::
 
+  results["test"]["protocol"]                    # "all_items" | "seen_excluded"
   results["test"]["mean"]["NDCG@10"]            # primary mode (first of cfg_eval.modes)
   results["test"]["min"] / ["max"]
   results["test"]["per_template"]["3"]["HR@5"]
   results["test"]["valid_beam_share"]["position"]
   results["test"]["modes"]["position"]["mean"]["HR@10"]
-  results["test"]["seen_excluded"]["mean"]["NDCG@10"]
+  results["test"]["seen_excluded"]["mean"]["NDCG@10"]   # "all_items" only: dropped afterwards
   results["settings"], results["seconds"]
 """
 
@@ -53,6 +59,7 @@ from lcrec_jax.tasks import batching
 from lcrec_jax.tasks.builders import num_templates, seqrec_eval_examples
 
 MODES = ("trie", "position")
+PROTOCOLS = {False: "all_items", True: "seen_excluded"}  # eval.exclude_seen -> name
 SPLITS = ("valid", "test")
 RESULTS_FILE = "eval/results.json"
 
@@ -81,12 +88,14 @@ class EvalSettings:
   max_users: int = 0
   seed: int = 0
   shard: bool = True
+  exclude_seen: bool = False
 
   @classmethod
   def from_config(cls, cfg_eval: Any) -> "EvalSettings":
     """Reads ``num_beams``, ``batch_size``, ``splits``, ``template_ids`` (None = all seqrec
-    templates), ``modes``, ``max_users`` (0 = all), ``seed`` and ``shard`` (split each
-    batch over all devices, :class:`Decoder`) from ``cfg_eval``."""
+    templates), ``modes``, ``max_users`` (0 = all), ``seed``, ``shard`` (split each
+    batch over all devices, :class:`Decoder`) and ``exclude_seen`` (the protocol, see the
+    module docstring) from ``cfg_eval``."""
     n_tmpl = num_templates("seqrec")
     tids = _get(cfg_eval, "template_ids", None)
     tids = tuple(range(n_tmpl)) if tids is None else tuple(int(t) for t in tids)
@@ -96,7 +105,11 @@ class EvalSettings:
               template_ids=tids, modes=tuple(_get(cfg_eval, "modes", MODES)),
               max_users=int(_get(cfg_eval, "max_users", 0) or 0),
               seed=int(_get(cfg_eval, "seed", 0) or 0),
-              shard=bool(_get(cfg_eval, "shard", True)))
+              shard=bool(_get(cfg_eval, "shard", True)),
+              exclude_seen=_get(cfg_eval, "exclude_seen", False))
+    if not isinstance(out.exclude_seen, bool):
+      raise ValueError(f"config eval.exclude_seen must be True or False, got "
+                       f"{out.exclude_seen!r}")
     need = max(DEFAULT_KS + DEFAULT_NDCG_KS)
     if out.num_beams < need:
       raise ValueError(f"config eval.num_beams={out.num_beams}: full-ranking metrics up to "
@@ -185,8 +198,8 @@ class Decoder:
                      "(config tasks.buckets)")
 
   def rank(self, params: Any, prompts: Sequence[np.ndarray], *, num_beams: int, mode: str,
-           batch_size: int, lora: Any = None, progress: bool = False, desc: str = "decode"
-           ) -> tuple[np.ndarray, np.ndarray]:
+           batch_size: int, lora: Any = None, progress: bool = False, desc: str = "decode",
+           exclude: Sequence[Sequence[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top beams of every prompt.
 
     Args:
@@ -198,11 +211,17 @@ class Decoder:
       lora: optional LoRA adapters.
       progress: show a tqdm bar.
       desc: its label.
+      exclude: optional per prompt the item numbers it must not get (e.g. its user's
+        history). Trie mode bans them inside the search (every beam is an allowed item);
+        position mode drops them from the finished beams.
 
     Returns:
       ``(items [N, num_beams] int64, scores [N, num_beams] float32)``; items are ``-1``
-      for beams that spell no item or are empty.
+      for beams that spell no item or are empty (also when fewer than ``num_beams``
+      allowed items remain).
     """
+    if exclude is not None and len(exclude) != len(prompts):
+      raise ValueError(f"exclude has {len(exclude)} rows for {len(prompts)} prompts")
     n = len(prompts)
     if self.mesh is not None:
       ways = int(np.prod([self.mesh.shape[a] for a in self._batch_axes]))
@@ -227,10 +246,16 @@ class Decoder:
         p = prompts[rows[r] if r < len(rows) else rows[0]]
         tok[r, b - len(p):] = p
         mask[r, b - len(p):] = 1
+      banned = None
+      if exclude is not None and mode == "trie":
+        ban = np.zeros((batch_size, self.index.num_items), bool)  # [batch, items]
+        for r in range(batch_size):
+          ban[r, np.asarray(exclude[rows[r] if r < len(rows) else rows[0]], np.int64)] = True
+        banned = self._batch(ban)
       res = constrained_beam_search(
           self.model, params, self._batch(tok), self._batch(mask), self.code_ids,
           self.trie if mode == "trie" else None, self.allowed if mode == "position" else None,
-          num_beams=num_beams, mode=mode, lora=lora)
+          num_beams=num_beams, mode=mode, lora=lora, banned=banned)
       res = self._gather(res)
       k = len(rows)
       sc = np.asarray(res.scores[:k], np.float32)
@@ -238,6 +263,8 @@ class Decoder:
         it = np.asarray(res.items[:k], np.int64)
       else:
         it = codes_to_items(res.codes[:k], sc, self.lookup)
+        if exclude is not None:
+          it, sc = _drop_excluded(it, sc, [exclude[i] for i in rows])
       items[rows], scores[rows] = it, sc
     return items, scores
 
@@ -269,6 +296,17 @@ class Decoder:
     if self.mesh is None or jax.process_count() == 1:
       return jax.device_get(tree)
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _drop_excluded(items: np.ndarray, scores: np.ndarray, seen: Sequence[Sequence[int]]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """``items, scores [N, W]`` without each row's ``seen`` items, the rest moved up."""
+  out_i, out_s = np.full_like(items, -1), np.full_like(scores, -np.inf)
+  for r in range(items.shape[0]):
+    keep = ~np.isin(items[r], np.asarray(seen[r], np.int64)) | (items[r] < 0)
+    keep &= np.isfinite(scores[r])
+    out_i[r, :keep.sum()], out_s[r, :keep.sum()] = items[r][keep], scores[r][keep]
+  return out_i, out_s
 
 
 def valid_beam_share(items: np.ndarray, scores: np.ndarray) -> float:
@@ -332,7 +370,8 @@ def evaluate(model: Llama, params: Any, tokenizer: Any, dataset: Dataset, index:
   results: dict[str, Any] = {"settings": {
       **dataclasses.asdict(st), "num_beams_used": num_beams, "num_users": int(len(users)),
       "num_items": index.num_items, "max_history": max_history,
-      "buckets": list(decoder.buckets), "primary_mode": st.modes[0]}}
+      "buckets": list(decoder.buckets), "primary_mode": st.modes[0],
+      "protocol": PROTOCOLS[st.exclude_seen]}}
   for split in st.splits:
     rows = split_data.valid if split == "valid" else split_data.test
     seen = [np.asarray(rows[u].history) for u in users]
@@ -348,24 +387,27 @@ def evaluate(model: Llama, params: Any, tokenizer: Any, dataset: Dataset, index:
       for m in st.modes:
         items, scores = decoder.rank(params, prompts, num_beams=num_beams, mode=m,
                                      batch_size=st.batch_size, lora=lora, progress=progress,
-                                     desc=f"eval {split} template {t} {m}")
+                                     desc=f"eval {split} template {t} {m}",
+                                     exclude=seen if st.exclude_seen else None)
         ranked = _at_least(items, max(DEFAULT_KS + DEFAULT_NDCG_KS))
         per_mode[m][t] = topk_metrics(ranked, targets)
         shares[m][t] = valid_beam_share(items, scores)
-        if m == st.modes[0]:
+        if m == st.modes[0] and not st.exclude_seen:
           seen_excl[t] = topk_metrics(_at_least(exclude_seen(items, seen), ranked.shape[1]),
                                       targets)
     primary = _aggregate(per_mode[st.modes[0]])
     results[split] = {
         "num_users": int(len(users)),
+        "protocol": PROTOCOLS[st.exclude_seen],
         "mode": st.modes[0],
         **primary,
         "valid_beam_share": {m: float(np.mean(list(shares[m].values()))) for m in st.modes},
         "modes": {m: {**_aggregate(per_mode[m]),
                       "valid_beam_share": {str(t): s for t, s in shares[m].items()}}
                   for m in st.modes},
-        "seen_excluded": _aggregate(seen_excl),
     }
+    if seen_excl:
+      results[split]["seen_excluded"] = _aggregate(seen_excl)
   results["seconds"] = time.perf_counter() - t0
   return results
 
@@ -393,7 +435,8 @@ def quick_metrics(model: Llama, params: Any, tokenizer: Any, dataset: Dataset,
   cfg = {"num_beams": _get(cfg_eval, "num_beams", 20),
          "batch_size": _get(cfg_eval, "batch_size", 16), "splits": (split,),
          "template_ids": (template_id,), "modes": (mode,), "max_users": max_users,
-         "seed": _get(cfg_eval, "seed", 0)}
+         "seed": _get(cfg_eval, "seed", 0),
+         "exclude_seen": _get(cfg_eval, "exclude_seen", False)}
   res = evaluate(model, params, tokenizer, dataset, index, cfg, cfg_tasks, lora=lora,
                  progress=progress, decoder=decoder)[split]
   return {**res["mean"], "valid_beam_share": res["valid_beam_share"][mode]}

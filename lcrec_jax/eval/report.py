@@ -2,13 +2,13 @@
 
 One block per split::
 
-  test (943 users, mask trie, 20 beams)   HR@1    HR@5   HR@10  NDCG@5 NDCG@10
+  test (943 users, all items ranked, mask trie, 20 beams)   HR@1 ...   NDCG@10
     template 0                           0.0100  0.0400  0.0700  0.0250  0.0350
     ...
     mean                                 ...
     min / max                            ...
     position mask mean                   ...
-    mean, seen items excluded            ...
+    mean, seen dropped after search      ...   (all items protocol only)
     valid beams: trie 1.000, position 0.812
 """
 
@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 from absl import logging
 
 COLUMNS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")
+PROTOCOL_NAMES = {"all_items": "all items ranked", "seen_excluded": "seen items excluded"}
 _LABEL_WIDTH = 40
 
 
@@ -30,8 +31,10 @@ def _row(label: str, metrics: Mapping[str, float]) -> str:
 def format_split(name: str, res: Mapping[str, Any], num_beams: int | None = None) -> str:
   """The table of one split's results."""
   beams = f", {num_beams} beams" if num_beams else ""
-  head = f"{name} ({res.get('num_users', '?')} users, mask {res.get('mode', '?')}{beams})"
-  lines = [f"{head:<{_LABEL_WIDTH}}" + "".join(f"{c:>9}" for c in COLUMNS)]
+  protocol = PROTOCOL_NAMES.get(res.get("protocol", "all_items"), res.get("protocol"))
+  head = (f"{name} ({res.get('num_users', '?')} users, {protocol}, "
+          f"mask {res.get('mode', '?')}{beams})")
+  lines = [f"{head}\n{'':<{_LABEL_WIDTH}}" + "".join(f"{c:>9}" for c in COLUMNS)]
   for t, m in res.get("per_template", {}).items():
     lines.append(_row(f"template {t}", m))
   for agg in ("mean", "min", "max"):
@@ -41,7 +44,7 @@ def format_split(name: str, res: Mapping[str, Any], num_beams: int | None = None
     if mode != res.get("mode") and "mean" in mres:
       lines.append(_row(f"{mode} mask mean", mres["mean"]))
   if "seen_excluded" in res:
-    lines.append(_row("mean, seen items excluded", res["seen_excluded"]["mean"]))
+    lines.append(_row("mean, seen dropped after search", res["seen_excluded"]["mean"]))
   shares = res.get("valid_beam_share", {})
   if shares:
     lines.append("  valid beams: " + ", ".join(f"{m} {s:.3f}" for m, s in shares.items()))

@@ -38,12 +38,8 @@ def _baseline_lines(workdir: str) -> list[str]:
   path = workdir_lib.baseline_results_path(workdir)
   if not fs.exists(path):
     return []
-  b = fs.read_json(path)
-  rows = [("popularity", b["popularity"]["unmasked"]["test"])]
-  if "sasrec" in b:
-    rows.append(("SASRec", b["sasrec"]["test"]))
-  return [f"baseline {name:<12} test HR@10 {m['HR@10']:.4f}  NDCG@10 {m['NDCG@10']:.4f}"
-          for name, m in rows]
+  from lcrec_jax.baselines.stage import summary_lines  # pylint: disable=g-import-not-at-top
+  return summary_lines(fs.read_json(path))  # each model under both protocols, named
 
 
 def params_mesh(params) -> jax.sharding.Mesh:
