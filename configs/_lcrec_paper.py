@@ -93,6 +93,9 @@ def paper_config(dataset: str) -> ml_collections.ConfigDict:
   c.tasks.buckets = (256, 512, 768, 1024)
   c.tasks.eval_template_ids = (0,)
   c.tasks.history_loss_tasks = ()  # the paper trains on responses only
+  # bytes (<= tokens): long Amazon titles and descriptions, response title + description fit 1024
+  c.tasks.text_budget.title = 192
+  c.tasks.text_budget.description = 768
 
   # --- model: LLaMA-7B, full fine-tune, bf16 compute ---------------------------------
   c.model.init = "pretrained"
