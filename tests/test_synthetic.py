@@ -109,3 +109,12 @@ def test_cli_writes_loadable_files(tmp_path):
   assert (ds.num_users, ds.num_items, ds.num_interactions) == (30, 25, 200)
   assert json.load(open(tmp_path / "Tiny.inter.json"))["0"] == [
       int(ds.items[i].item_id) for i in ds.sequences[0]]
+
+
+def test_cli_bad_size_is_one_line_and_exit_2(tmp_path):
+  r = subprocess.run([sys.executable, "-m", "lcrec_jax.data.synthetic", f"--out={tmp_path}",
+                      "--users=10", "--items=50", "--interactions=20"], capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines() == [
+      "error: --interactions=20: every user needs >= 3 interactions, so >= 30 for 10 users"]

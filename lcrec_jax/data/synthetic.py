@@ -44,12 +44,13 @@ import dataclasses
 import json
 import os
 import string
+import sys
 from typing import Any
 
 from absl import app, flags, logging
 import numpy as np
 
-from lcrec_jax.errors import ConfigError
+from lcrec_jax.errors import EXIT_USER_ERROR, ConfigError, UserError
 
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
@@ -262,8 +263,12 @@ def main(argv: list[str]) -> None:
   if not _OUT.value:
     raise app.UsageError("--out is required")
   logging.set_verbosity(logging.INFO)
-  write(SyntheticSpec(_USERS.value, _ITEMS.value, _INTER.value, _CHARS.value,
-                      num_groups=_GROUPS.value, seed=_SEED.value), _OUT.value, _NAME.value)
+  try:
+    write(SyntheticSpec(_USERS.value, _ITEMS.value, _INTER.value, _CHARS.value,
+                        num_groups=_GROUPS.value, seed=_SEED.value), _OUT.value, _NAME.value)
+  except UserError as e:  # one line, exit 2 (lcrec_jax/errors.py)
+    sys.stderr.write(f"error: {e}\n")
+    sys.exit(EXIT_USER_ERROR)
 
 
 if __name__ == "__main__":
