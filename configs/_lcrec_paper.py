@@ -92,6 +92,9 @@ def paper_config(dataset: str) -> ml_collections.ConfigDict:
   # codes fit in 512, fusionseqrec/itemsearch prompts with titles need more.
   c.tasks.buckets = (256, 512, 768, 1024)
   c.tasks.history_loss_tasks = ()  # the paper trains on responses only
+  # bytes (<= tokens): long Amazon titles and descriptions, response title + description fit 1024
+  c.tasks.text_budget.title = 192
+  c.tasks.text_budget.description = 768
 
   # --- model: LLaMA-7B, full fine-tune, bf16 compute ---------------------------------
   c.model.init = "pretrained"

@@ -80,6 +80,10 @@ def get_config() -> ml_collections.ConfigDict:
   # tokens on ML-100K, seqrec is at most 177 tokens (median 168), fusionseqrec at most 272.
   c.tasks.buckets = (128, 192, 256, 384)
   c.tasks.add_bos = None               # None = the tokenizer's add_bos_token
+  # Item text cut before prompts are built (lcrec_jax/tasks/text_budget.py): UTF-8 bytes per
+  # field, 0 = no cut. A byte-level BPE token is >= 1 byte, so title + description (321) +
+  # EOS + the frame fit the largest bucket with any tokenizer; ML-100K texts are shorter.
+  c.tasks.text_budget = ml_collections.ConfigDict(dict(title=96, description=224, other=128))
   # History loss (not in LC-Rec): these tasks also learn every history item's code as a
   # next-item target inside the prompt (lcrec_jax/tasks/batching.py). () = off.
   c.tasks.history_loss_tasks = ml_collections.FieldReference(("seqrec", "fusionseqrec"),

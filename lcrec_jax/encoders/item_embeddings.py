@@ -125,6 +125,8 @@ def item_embeddings(cfg: Any, texts: Sequence[str], cache_dir: str | None = None
       if arr is not None:
         logging.warning("item embeddings: malformed cache file %s %s; recomputing", path,
                         arr.shape)
+  logging.info("item embeddings: encoding %d item texts with MiniLM (max_length %d, batch %d)",
+               len(texts), max_length, batch_size)
   emb = minilm.shared_encoder(model_dir).encode(list(texts), batch_size, max_length)
   if path is not None:
     save_atomic(path, emb)

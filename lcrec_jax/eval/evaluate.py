@@ -46,9 +46,9 @@ import jax.numpy as jnp
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
-from tqdm import tqdm
 
 from lcrec_jax import fs
+from lcrec_jax import progress as progress_lib
 from lcrec_jax.data.dataset import Dataset
 from lcrec_jax.decode.beam_search import codes_to_items, constrained_beam_search
 from lcrec_jax.decode.trie import Trie, build_trie, position_mask
@@ -209,7 +209,7 @@ class Decoder:
       mode: ``"trie"`` or ``"position"``.
       batch_size: users per beam-search call (fixed; the last batch is padded).
       lora: optional LoRA adapters.
-      progress: show a tqdm bar.
+      progress: report users done (:class:`lcrec_jax.progress.Progress`).
       desc: its label.
       exclude: optional per prompt the item numbers it must not get (e.g. its user's
         history). Trie mode bans them inside the search (every beam is an allowed item);
@@ -239,7 +239,8 @@ class Decoder:
       rows = by_bucket[b]
       for s in range(0, len(rows), batch_size):
         plan.append((b, rows[s:s + batch_size]))
-    for b, rows in tqdm(plan, desc=desc, disable=not progress, leave=False):
+    bar = progress_lib.Progress(n, desc, "user", enabled=progress)
+    for b, rows in plan:
       tok = np.full((batch_size, b), self.pad_id, np.int32)
       mask = np.zeros((batch_size, b), np.int32)
       for r in range(batch_size):
@@ -266,6 +267,8 @@ class Decoder:
         if exclude is not None:
           it, sc = _drop_excluded(it, sc, [exclude[i] for i in rows])
       items[rows], scores[rows] = it, sc
+      bar.update(k)
+    bar.close()
     return items, scores
 
 
@@ -352,7 +355,7 @@ def evaluate(model: Llama, params: Any, tokenizer: Any, dataset: Dataset, index:
     cfg_eval: the config's ``eval`` section (see :class:`EvalSettings`).
     cfg_tasks: the config's ``tasks`` section (``buckets``, ``add_bos``, ``max_history``).
     lora: optional LoRA adapters, applied on the fly.
-    progress: tqdm bars.
+    progress: report users done per split, template and mode (lcrec_jax.progress).
     decoder: a prebuilt :class:`Decoder` to reuse (tables and compiled shapes).
 
   Returns:

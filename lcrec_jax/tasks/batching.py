@@ -47,8 +47,8 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 from absl import logging
 import numpy as np
-from tqdm import tqdm
 
+from lcrec_jax import progress
 from lcrec_jax.tasks.builders import Example
 
 IGNORE_INDEX = -100
@@ -94,14 +94,18 @@ def _encode_many(tokenizer: TokenizerLike, texts: Sequence[str], desc: str,
   """Ids of many texts: ``encode_batch`` in chunks when the tokenizer has it."""
   batch_fn = getattr(tokenizer, "encode_batch", None)
   out: list[np.ndarray] = []
-  if batch_fn is not None and "add_special_tokens" in inspect.signature(batch_fn).parameters:
-    for start in tqdm(range(0, len(texts), chunk), desc=desc, disable=not show_progress):
-      ids = batch_fn(list(texts[start:start + chunk]), add_special_tokens=False)
-      out.extend(np.asarray(x, np.int32).reshape(-1) for x in ids)
-    return out
-  enc = _encoder(tokenizer)
-  return [np.asarray(enc(t), np.int32).reshape(-1)
-          for t in tqdm(texts, desc=desc, disable=not show_progress)]
+  with progress.Progress(len(texts), desc, "text", enabled=show_progress) as p:
+    if batch_fn is not None and "add_special_tokens" in inspect.signature(batch_fn).parameters:
+      for start in range(0, len(texts), chunk):
+        ids = batch_fn(list(texts[start:start + chunk]), add_special_tokens=False)
+        out.extend(np.asarray(x, np.int32).reshape(-1) for x in ids)
+        p.update(len(ids))
+      return out
+    enc = _encoder(tokenizer)
+    for t in texts:
+      out.append(np.asarray(enc(t), np.int32).reshape(-1))
+      p.update(1)
+  return out
 
 
 def _add_bos(tokenizer: TokenizerLike, add_bos: bool | None) -> bool:

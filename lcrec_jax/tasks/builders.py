@@ -30,12 +30,13 @@ import dataclasses
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
+from lcrec_jax import progress
 from lcrec_jax.data.dataset import Dataset, Item, Split
 from lcrec_jax.index.item_index import ItemIndex
 from lcrec_jax.tasks import preference as pref_lib
 from lcrec_jax.tasks import prompts
+from lcrec_jax.tasks import text_budget as budget_lib
 
 DEFAULT_MAX_HISTORY = 20
 
@@ -241,11 +242,14 @@ def build_train_examples(dataset: Dataset, index: ItemIndex,
                          prompt_sample_nums: Sequence[int] | None = None, seed: int = 0,
                          max_history: int = DEFAULT_MAX_HISTORY,
                          preference_from: str = "history",
+                         text_budget: budget_lib.TextBudget | None = None,
                          show_progress: bool = False) -> list[Example]:
   """All training examples of ``tasks``, task after task (batching shuffles them).
 
   ``sample_nums`` / ``prompt_sample_nums`` are per task, like LC-Rec's
   ``--train_data_sample_num 0,0,0,100000,0,0`` and ``--train_prompt_sample_num 1,...``.
+  ``text_budget`` cuts item text fields first (:mod:`lcrec_jax.tasks.text_budget`).
+  ``show_progress`` reports tasks done (:class:`lcrec_jax.progress.Progress`).
   """
   tasks = list(tasks)
   sample_nums = [0] * len(tasks) if sample_nums is None else list(sample_nums)
@@ -254,13 +258,16 @@ def build_train_examples(dataset: Dataset, index: ItemIndex,
   if not (len(sample_nums) == len(prompt_sample_nums) == len(tasks)):
     raise ValueError(f"tasks ({len(tasks)}), sample_nums ({len(sample_nums)}) and "
                      f"prompt_sample_nums ({len(prompt_sample_nums)}) must have equal length")
+  if text_budget is not None:
+    dataset, _ = budget_lib.apply_text_budget(dataset, text_budget)
   split = dataset.split()
   out: list[Example] = []
-  for task, n, k in tqdm(list(zip(tasks, sample_nums, prompt_sample_nums)),
-                         desc="tasks", disable=not show_progress):
-    out.extend(build_task(task, dataset, index, seed=seed, sample_num=int(n),
-                          prompt_sample_num=int(k), max_history=max_history,
-                          preference_from=preference_from, split=split))
+  with progress.Progress(len(tasks), "task build", "task", enabled=show_progress) as p:
+    for task, n, k in zip(tasks, sample_nums, prompt_sample_nums):
+      out.extend(build_task(task, dataset, index, seed=seed, sample_num=int(n),
+                            prompt_sample_num=int(k), max_history=max_history,
+                            preference_from=preference_from, split=split))
+      p.update(1, task=task, examples=len(out))
   return out
 
 

@@ -26,7 +26,7 @@ from lcrec_jax.eval import evaluate as evaluate_lib
 from lcrec_jax.index.item_index import ItemIndex
 from lcrec_jax.llm import build, export
 from lcrec_jax.llm import lora as lora_lib
-from lcrec_jax.tasks import batching, builders
+from lcrec_jax.tasks import batching, builders, text_budget
 from lcrec_jax.train import trainer
 
 
@@ -35,7 +35,8 @@ def _examples(config: ml_collections.ConfigDict, dataset: Dataset, index: ItemIn
   return builders.build_train_examples(
       dataset, index, tc.names, sample_nums=tc.sample_nums,
       prompt_sample_nums=tc.prompt_sample_nums, seed=config.seed, max_history=tc.max_history,
-      preference_from=tc.preference_from, show_progress=True)
+      preference_from=tc.preference_from,
+      text_budget=text_budget.TextBudget.from_config(tc.text_budget), show_progress=True)
 
 
 def _corpus(examples) -> list[str]:
