@@ -129,6 +129,11 @@ KEYS: tuple[Key, ...] = (
     Key("index.repair_rounds", 20, int, check=_NONNEG),
     Key("index.repair_sk_epsilon", 0.005, float, check=_POS),
     Key("index.checkpoint", "best_collision", str, ("best_collision", "best_loss", "final")),
+    Key("index.source", "rqvae", str, ("rqvae", "file"),
+        doc="item codes from a trained RQ-VAE, or from an LC-Rec X.index.json (index.path)"),
+    Key("index.path", "", str, doc="index.source = file: the LC-Rec index json"),
+    Key("index.level_size", 0, int, check=_NONNEG,
+        doc="index.source = file: codes per level; 0 = max code + 1"),
     # --- tasks and batching
     Key("tasks.names", TASK_NAMES, tuple, TASK_NAMES),
     Key("tasks.sample_nums", (0, 0, 0, 0, 0, 0), tuple, check=_each(_NONNEG)),
@@ -138,6 +143,10 @@ KEYS: tuple[Key, ...] = (
     Key("tasks.buckets", (128, 192, 256, 384), tuple, check=_each(_POS)),
     Key("tasks.add_bos", None, bool, nullable=True, doc="None = the tokenizer's choice"),
     Key("tasks.history_loss_tasks", ("seqrec", "fusionseqrec"), tuple, TASK_NAMES),
+    Key("tasks.text_budget.title", 0, int, check=_NONNEG,
+        doc="UTF-8 bytes an item title keeps in prompts; 0 = no cut"),
+    Key("tasks.text_budget.description", 0, int, check=_NONNEG),
+    Key("tasks.text_budget.other", 0, int, check=_NONNEG, doc="every other text field"),
     # --- language model
     Key("model.init", "random", str, ("random", "pretrained")),
     Key("model.preset", "tiny", str, ("llama1_7b", "llama2_7b", "llama3_8b", "llama3_1_8b",
@@ -195,6 +204,18 @@ KEYS: tuple[Key, ...] = (
     Key("mesh.axis_rules", _AXIS_RULES, tuple),
     Key("mesh.tpu_slice", "", str, doc="the slice the mesh was sized for (logged)"),
     # --- baselines
+    Key("baseline.models", ("popularity", "sasrec", "gru4rec"), tuple,
+        ("popularity", "sasrec", "gru4rec")),
+    Key("baseline.gru4rec.max_len", 50, int, check=_POS),
+    Key("baseline.gru4rec.dim", 64, int, check=_POS),
+    Key("baseline.gru4rec.hidden", 128, int, check=_POS),
+    Key("baseline.gru4rec.num_layers", 1, int, check=_POS),
+    Key("baseline.gru4rec.dropout", 0.3, float, check=_in(0.0, 1.0)),
+    Key("baseline.gru4rec.lr", 1e-3, float, check=_POS),
+    Key("baseline.gru4rec.batch_size", 128, int, check=_POS),
+    Key("baseline.gru4rec.epochs", 200, int, check=_POS),
+    Key("baseline.gru4rec.eval_every", 5, int, check=_POS),
+    Key("baseline.gru4rec.patience", 6, int, check=_POS),
     Key("baseline.sasrec.max_len", 200, int, check=_POS),
     Key("baseline.sasrec.dim", 64, int, check=_POS),
     Key("baseline.sasrec.num_blocks", 2, int, check=_POS),
@@ -216,6 +237,8 @@ KEYS: tuple[Key, ...] = (
     Key("eval.quick_users", 128, int, check=_POS, doc="users in the trainer's validation"),
     Key("eval.seed", 0, int, check=_NONNEG),
     Key("eval.shard", True, bool, doc="split each batch over every device"),
+    Key("eval.exclude_seen", False, bool,
+        doc="ban each user's seen items inside the beam search (toolkit protocol)"),
 )
 BY_NAME: dict[str, Key] = {k.name: k for k in KEYS}
 
@@ -356,6 +379,9 @@ def _check_paths(c: ml_collections.ConfigDict, stages: Sequence[str]) -> None:
   if "index" in stages:
     if c.embed.encoder == "npy" and not c.embed.npy_path:
       raise _fail("embed.npy_path", "", "embed.encoder='npy' needs the embeddings file")
+    if c.index.source == "file" and not c.index.path:
+      raise _fail("index.path", "", "index.source='file' needs the LC-Rec index json")
+    checks += [("index.path", c.index.path if c.index.source == "file" else "")]
     checks += [("embed.npy_path", c.embed.npy_path if c.embed.encoder == "npy" else ""),
                ("embed.model_dir", c.embed.model_dir if c.embed.encoder == "minilm" else "")]
   if "train" in stages:
