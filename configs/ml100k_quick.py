@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.path = ""                # "" = the recbole wheel's ml-100k files
   c.data.name = "ml-100k"         # file stem for recbole / lcrec formats
   c.data.on_empty_title = "error"  # error | skip: item with an empty title
-  c.data.title_field = ""         # recbole format: item title column; "" = the first known one present
+  c.data.title_field = ""         # recbole format: item title column; "" = first known one present
 
   # --- item embeddings --------------------------------------------------------------
   c.embed = ml_collections.ConfigDict()
@@ -140,7 +140,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.async_checkpoint = True
   c.train.log_every = 1               # steps between metrics.jsonl lines
   c.train.progress_log_s = 60.0       # seconds between progress log lines (no terminal)
-  c.train.on_nonfinite = "stop"      # stop | skip: a step whose loss, gradients or update is NaN/inf
+  c.train.on_nonfinite = "stop"      # stop | skip: a step with a NaN/inf loss, gradient or update
   c.train.max_nonfinite_skips = 10    # skip: stop after this many non-finite steps in a row
   c.train.eval_every = 0              # steps between validations; 0 = at the end only
   c.train.peak_flops_per_device = 0.0  # for MFU (e.g. 197e12 TPU v4 bf16); 0 = not shown
