@@ -157,8 +157,8 @@ class Decoder:
                buckets: Sequence[int], trie: Trie | None = None, mesh: Mesh | None = None):
     names = None if mesh is None else tuple(mesh.axis_names)
     if names not in (None, ("data",), ("data", "fsdp", "tensor")):
-      raise ValueError(f"evaluation mesh must have the axes ('data',) or ('data', 'fsdp', "
-                       f"'tensor'), got {names}")
+      raise ValueError(f"evaluation mesh must have the single axis ('data',) or the training "
+                       f"axes ('data', 'fsdp', 'tensor'), got {names}")
     self.mesh = mesh
     # Params replicated for the call on a ("data",) mesh; used in place on a training mesh.
     self._batch_axes = ("data",) if names == ("data",) else ("data", "fsdp")
