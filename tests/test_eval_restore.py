@@ -84,3 +84,14 @@ def _mesh_cfg():
   c = mesh_lib.default_mesh_config()
   c.data, c.fsdp, c.tensor = 2, 2, 2
   return c
+
+
+def test_validation_hook_finds_the_training_mesh(tmp_path):
+  """The trainer's validation decodes on the mesh the params live on (no gathering)."""
+  from lcrec_jax.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  model, tree, mask, ckpt_dir, _ = _setup(tmp_path, lora=False)
+  mesh = mesh_lib.make_mesh(_mesh_cfg())
+  params, _ = restore.restore_trained_params(ckpt_dir, model, tree, mask, mesh,
+                                             mesh_lib.DEFAULT_AXIS_RULES)
+  assert evaluate_lib._training_mesh(params) is mesh  # pylint: disable=protected-access
+  assert evaluate_lib._training_mesh(tree) is None  # pylint: disable=protected-access
