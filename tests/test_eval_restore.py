@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lcrec_jax.errors import WorkdirError
 from lcrec_jax.eval import restore
 from lcrec_jax.llm import lora as lora_lib
 from lcrec_jax.llm.config import tiny
@@ -71,7 +72,7 @@ def test_compute_dtype_and_missing_checkpoint(tmp_path):
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
   np.testing.assert_allclose(np.asarray(params["lm_head"]["kernel"], np.float32),
                              want["lm_head"]["kernel"], atol=1e-2)
-  with pytest.raises(FileNotFoundError, match="no finished training checkpoint"):
+  with pytest.raises(WorkdirError, match="none: no finished training checkpoint"):
     restore.restore_trained_params(str(tmp_path / "none"), model, tree, mask, mesh,
                                    mesh_lib.DEFAULT_AXIS_RULES)
   with pytest.raises(ValueError, match="train.compute_dtype"):
@@ -83,3 +84,14 @@ def _mesh_cfg():
   c = mesh_lib.default_mesh_config()
   c.data, c.fsdp, c.tensor = 2, 2, 2
   return c
+
+
+def test_validation_hook_finds_the_training_mesh(tmp_path):
+  """The trainer's validation decodes on the mesh the params live on (no gathering)."""
+  from lcrec_jax.eval import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  model, tree, mask, ckpt_dir, _ = _setup(tmp_path, lora=False)
+  mesh = mesh_lib.make_mesh(_mesh_cfg())
+  params, _ = restore.restore_trained_params(ckpt_dir, model, tree, mask, mesh,
+                                             mesh_lib.DEFAULT_AXIS_RULES)
+  assert evaluate_lib._training_mesh(params) is mesh  # pylint: disable=protected-access
+  assert evaluate_lib._training_mesh(tree) is None  # pylint: disable=protected-access

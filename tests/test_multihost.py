@@ -33,6 +33,7 @@ import pytest
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 ROOT = os.path.dirname(os.path.dirname(WORKER))
 TIMEOUT_S = 400
+PIPELINE_TIMEOUT_S = 1200  # the pipeline pair took 520 s on a loaded 2-core machine
 
 
 def _free_port() -> int:
@@ -55,7 +56,8 @@ def _tail(path: str, n: int = 4000) -> str:
     return f.read()[-n:]
 
 
-def _run_pair(tmp_path, mode: str = "pair", extra: tuple[str, ...] = ()) -> str:
+def _run_pair(tmp_path, mode: str = "pair", extra: tuple[str, ...] = (),
+              timeout: int = TIMEOUT_S) -> str:
   """Runs the two-process job; returns its workdir."""
   port = _free_port()
   workdir = str(tmp_path / mode)
@@ -70,7 +72,7 @@ def _run_pair(tmp_path, mode: str = "pair", extra: tuple[str, ...] = ()) -> str:
            *extra],
           stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT))
   try:
-    codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
+    codes = [p.wait(timeout=timeout) for p in procs]
   finally:
     for p in procs:
       if p.poll() is None:
@@ -88,13 +90,13 @@ def _run_pair(tmp_path, mode: str = "pair", extra: tuple[str, ...] = ()) -> str:
 
 
 def _run_single(tmp_path, restore_from: str = "", mode: str = "single",
-                extra: tuple[str, ...] = ()) -> None:
+                extra: tuple[str, ...] = (), timeout: int = TIMEOUT_S) -> None:
   log = str(tmp_path / f"{mode}.log")
   with open(log, "w", encoding="utf-8") as f:
     code = subprocess.call(
         [sys.executable, WORKER, f"--mode={mode}", f"--workdir={tmp_path / mode}",
          f"--out={tmp_path / (mode + '.npz')}", f"--restore_from={restore_from}", *extra],
-        stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT, timeout=TIMEOUT_S)
+        stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT, timeout=timeout)
   if code:
     pytest.fail(f"the single-process run failed (exit {code}):\n{_tail(log)}")
 
@@ -141,8 +143,8 @@ def test_two_processes_pipeline_index_train_export_eval_matches_one(tmp_path):
   emb = tmp_path / "emb.npy"
   np.save(emb, np.random.default_rng(0).normal(size=(1682, 16)).astype(np.float32))
   extra = (f"--embeddings={emb}",)
-  pair_dir = _run_pair(tmp_path, "pipe_pair", extra)
-  _run_single(tmp_path, mode="pipe_single", extra=extra)
+  pair_dir = _run_pair(tmp_path, "pipe_pair", extra, timeout=PIPELINE_TIMEOUT_S)
+  _run_single(tmp_path, mode="pipe_single", extra=extra, timeout=PIPELINE_TIMEOUT_S)
   pair = dict(np.load(tmp_path / "pipe_pair.npz"))
   single = dict(np.load(tmp_path / "pipe_single.npz"))
   assert int(pair["process_count"]) == 2 and int(single["process_count"]) == 1

@@ -170,8 +170,8 @@ class Decoder:
                buckets: Sequence[int], trie: Trie | None = None, mesh: Mesh | None = None):
     names = None if mesh is None else tuple(mesh.axis_names)
     if names not in (None, ("data",), ("data", "fsdp", "tensor")):
-      raise ValueError(f"evaluation mesh must have the axes ('data',) or ('data', 'fsdp', "
-                       f"'tensor'), got {names}")
+      raise ValueError(f"evaluation mesh must have the single axis ('data',) or the training "
+                       f"axes ('data', 'fsdp', 'tensor'), got {names}")
     self.mesh = mesh
     # Params replicated for the call on a ("data",) mesh; used in place on a training mesh.
     self._batch_axes = ("data",) if names == ("data",) else ("data", "fsdp")
@@ -455,19 +455,35 @@ def validation_hook(model: Llama, tokenizer: Any, dataset: Dataset, index: ItemI
   ``params_fn`` / ``lora_fn`` pull the base params and the adapters out of the train
   state; ``kwargs`` go to :func:`quick_metrics`. Tables and compiled shapes are reused
   across calls; with several devices and ``eval.shard`` (default) the users are split
-  over a ``data`` mesh of all devices, the parameters replicated for the call.
+  over the training mesh's ``data`` x ``fsdp`` with the parameters used where they are
+  (sharded as in training, never gathered), or, for params on no such mesh, over a
+  ``data`` mesh of all devices with the parameters replicated for the call.
   """
   shard = bool(_get(cfg_eval, "shard", True)) and jax.device_count() > 1
-  decoder = Decoder(model, tokenizer, index, _get(cfg_tasks, "buckets"),
-                    mesh=data_mesh() if shard else None)
+  decoder = None  # built at the first call, on the mesh the params live on
 
   def hook(step: int, state: Any) -> dict[str, float]:
+    nonlocal decoder
     del step
+    params = params_fn(state)
+    if decoder is None:
+      mesh = (_training_mesh(params) or data_mesh()) if shard else None
+      decoder = Decoder(model, tokenizer, index, _get(cfg_tasks, "buckets"), mesh=mesh)
     lora = lora_fn(state) if lora_fn is not None else None
-    return quick_metrics(model, params_fn(state), tokenizer, dataset, index, cfg_eval,
+    return quick_metrics(model, params, tokenizer, dataset, index, cfg_eval,
                          cfg_tasks, lora=lora, decoder=decoder, **kwargs)
 
   return hook
+
+
+def _training_mesh(params: Any) -> Mesh | None:
+  """The ``('data', 'fsdp', 'tensor')`` mesh ``params`` are sharded on, else None."""
+  leaves = jax.tree.leaves(params)
+  sharding = getattr(leaves[0], "sharding", None) if leaves else None
+  mesh = getattr(sharding, "mesh", None)
+  if isinstance(mesh, Mesh) and tuple(mesh.axis_names) == ("data", "fsdp", "tensor"):
+    return mesh
+  return None
 
 
 def results_path(workdir: str) -> str:

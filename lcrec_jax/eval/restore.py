@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import Mesh
 
+from lcrec_jax.errors import WorkdirError
 from lcrec_jax.llm import lora as lora_lib
 from lcrec_jax.train import mesh as mesh_lib
 from lcrec_jax.train import state as state_lib
@@ -67,14 +68,14 @@ def restore_trained_params(checkpoint_dir: str, model: nn.Module, init_tree: PyT
     ``jax.Array`` with the training ``NamedSharding`` of that weight.
 
   Raises:
-    FileNotFoundError: no finished checkpoint under ``checkpoint_dir``.
+    WorkdirError: no finished checkpoint under ``checkpoint_dir``.
   """
   if compute_dtype not in _DTYPES:
     raise ValueError(f"train.compute_dtype: {compute_dtype!r} is not one of {list(_DTYPES)}")
   step = latest_checkpoint_step(checkpoint_dir) if step is None else step
   if step is None:
-    raise FileNotFoundError(f"{checkpoint_dir}: no finished training checkpoint (run the "
-                            "train stage, --stages=train)")
+    raise WorkdirError(f"{checkpoint_dir}: no finished training checkpoint (run the train "
+                       "stage, --stages=train)")
   boxed = state_lib.abstract_boxed_params(model, np.zeros((1, 8), np.int32))
   shardings = state_lib.full_param_shardings(boxed, mesh, rules, init_tree)
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), init_tree)
