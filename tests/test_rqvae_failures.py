@@ -65,3 +65,18 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, corrupt, caplog):
   with pytest.raises(ConfigError, match="rqvae.codebook_size"):
     trainer.train_rqvae(c.rqvae, x, str(wd), seed=7)
   assert sorted(os.listdir(latest)) == ["3", "6", "6.corrupt-1"]
+
+
+def test_broken_best_checkpoint_is_one_workdir_error(tmp_path):
+  """`best_loss` keeps one checkpoint: broken, it is a one-line WorkdirError, not moved."""
+  from lcrec_jax.errors import WorkdirError
+  c = _config()
+  c.rqvae.epochs = 2
+  model, variables, hist = trainer.train_rqvae(c.rqvae, _embeddings(), str(tmp_path), seed=7)
+  best = tmp_path / "index" / "checkpoints" / "best_loss"
+  (step,) = os.listdir(best)
+  _truncate_arrays(best / step)
+  with pytest.raises(WorkdirError, match=rf"rqvae best_loss: no checkpoint under .*best_loss "
+                                         rf"loads \(step {step}: ") as e:
+    trainer.load_checkpoint_variables(str(tmp_path), "best_loss", model, variables, c.rqvae)
+  assert "\n" not in str(e.value) and os.listdir(best) == [step]

@@ -416,6 +416,9 @@ def load_checkpoint_variables(workdir: str, kind: str, model: rqvae.RQVAE,
 
   Returns:
     ``(variables, meta)``; ``meta["epoch"]`` is the epoch the checkpoint was taken at.
+
+  Raises:
+    lcrec_jax.errors.WorkdirError: the checkpoint does not load or holds NaN/inf.
   """
   with quiet_orbax():
     return _load_checkpoint_variables(workdir, kind, model, like, cfg)
@@ -438,6 +441,10 @@ def _load_checkpoint_variables(workdir, kind, model, like, cfg):
            "step": jnp.zeros((), jnp.int32), "rng": jax.random.PRNGKey(0)}
   if model.batch_norm:
     state["batch_stats"] = like["batch_stats"]
-  state, meta = _restore(mngr, step, state)
-  mngr.close()
+  try:  # a broken checkpoint is one WorkdirError line, not an orbax traceback
+    _, (state, meta) = ckpt_lib.restore_newest(
+        mngr, path, lambda s: _restore(mngr, s, state), f"rqvae {kind}",
+        is_finite=lambda out: bool(finite.all_finite(out[0])))
+  finally:
+    mngr.close()
   return state_variables(state), meta
