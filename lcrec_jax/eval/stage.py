@@ -26,12 +26,14 @@ from lcrec_jax import workdir as workdir_lib
 from lcrec_jax.data.dataset import Dataset
 from lcrec_jax.eval import evaluate as evaluate_lib
 from lcrec_jax.eval import report
+from lcrec_jax.errors import WorkdirError
 from lcrec_jax.eval import restore as restore_lib
 from lcrec_jax.index.item_index import ItemIndex
 from lcrec_jax.llm import build
 from lcrec_jax.llm.model import Llama
 from lcrec_jax.llm.tokenizer import LCRecTokenizer
 from lcrec_jax.train import mesh as mesh_lib
+from lcrec_jax.train.finite import check_finite
 
 
 def _baseline_lines(workdir: str) -> list[str]:
@@ -65,8 +67,7 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, index: ItemInd
   params, step = restore_lib.restore_trained_params(
       ckpt_dir, model, tree, mask, mesh, mesh_lib.axis_rules(config.mesh),
       compute_dtype=config.train.compute_dtype)
-  # TODO(check_finite): refuse non-finite params here with the finite-parameter check
-  # (lcrec_jax check_finite, used by export/recommend) once it is on this branch.
+  check_finite(params, f"{ckpt_dir} (step {step}): params")  # a diverged model is not evaluated
   logging.info("eval stage: params of step %d restored from %s onto mesh %s (%s)", step,
                ckpt_dir, dict(mesh.shape), config.train.compute_dtype)
   return model, params, tokenizer
@@ -81,8 +82,8 @@ def run_eval_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Dat
   else:
     model_dir = build.model_dir(workdir)
     if not fs.exists(fs.join(model_dir, "DONE")):
-      raise FileNotFoundError(f"{model_dir}/DONE not found: run the train stage first "
-                              "(--stages=train)")
+      raise WorkdirError(f"{model_dir}/DONE not found: the train stage has not finished",
+                         hint="run it first: --stages=train,eval")
     model, params, tokenizer = load_trained(config, workdir, index)
     results = evaluate_lib.evaluate(model, params, tokenizer, dataset, index, config.eval,
                                     config.tasks, decoder=evaluate_lib.Decoder(

@@ -48,12 +48,13 @@ def first_non_finite(tree: PyTree) -> tuple[str, int, int] | None:
   for path, x in jax.tree_util.tree_leaves_with_path(tree):
     if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.inexact):
       continue
-    a = np.asarray(jax.device_get(x))
-    bad = int(a.size - np.isfinite(a).sum())
+    # counted where the leaf lives: a sharded (even multi-host) array is never gathered
+    bad = int(np.sum(~np.isfinite(x))) if isinstance(x, np.ndarray) else int(
+        jnp.sum(~jnp.isfinite(x)))
     if bad:
       name = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
                       for k in path)
-      return name, bad, int(a.size)
+      return name, bad, int(np.prod(x.shape))
   return None
 
 
