@@ -20,6 +20,7 @@ copied to ``<workdir>/logs/`` when the run ends.
 
 from __future__ import annotations
 
+import logging as std_logging
 import tempfile
 import time
 from typing import Callable
@@ -150,6 +151,9 @@ def main(argv):
   from lcrec_jax.train.mesh import maybe_initialize_distributed
   maybe_initialize_distributed(bool(_CONFIG.value.train.get("distributed", False)) or None)
   import jax  # pylint: disable=g-import-not-at-top
+  # JAX's backend probe ("Unable to initialize backend 'tpu'") would precede a config
+  # error's one line on stderr; the log file is not open yet.
+  std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
   # The whole config is checked before any work: a bad value costs seconds, not a run.
   config = spec.validate(_CONFIG.value, num_devices=jax.device_count(), stages=stages)
   fs.check_backend(workdir)
