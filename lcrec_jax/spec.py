@@ -236,7 +236,9 @@ KEYS: tuple[Key, ...] = (
     Key("eval.max_users", 0, int, check=_NONNEG, doc="0 = every user"),
     Key("eval.quick_users", 128, int, check=_POS, doc="users in the trainer's validation"),
     Key("eval.seed", 0, int, check=_NONNEG),
-    Key("eval.shard", True, bool, doc="split each batch over every device"),
+    Key("eval.shard", True, bool,
+        doc="evaluate() without a decoder: split each batch over every device; the eval "
+            "stage always decodes on the training mesh its restored params live on"),
     Key("eval.exclude_seen", False, bool,
         doc="ban each user's seen items inside the beam search (toolkit protocol)"),
 )
