@@ -27,6 +27,8 @@ finish time) makes it stale. :func:`plan` decides, before any work, which stages
 * named in ``--force``: runs (resuming from its checkpoints, as before);
 * an upstream stage runs, or the recorded inputs differ from the config / the upstream
   manifests: runs from scratch (its old directories are removed first);
+* not finished, and only fields of :data:`RESUMABLE` changed (a lower ``train.lr`` after
+  a divergence stopped training): runs, resuming from its newest (finite) checkpoint;
 * not finished: runs (an interrupted run with the same inputs resumes);
 * finished with the same inputs: reused.
 
@@ -78,6 +80,13 @@ NO_EFFECT = frozenset((
     "train.log_every", "train.progress_log_s", "train.eval_every",
     "train.peak_flops_per_device", "train.distributed", "train.tensorboard",
     "train.valid_users", "eval.quick_users", "eval.shard"))
+
+
+# Fields whose change does not invalidate an UNFINISHED stage's checkpoints: the way out of
+# a divergence is the same command with a lower learning rate, resuming from the newest
+# finite checkpoint. A finished stage with a changed value still runs from scratch.
+RESUMABLE = frozenset(("train.lr", "train.max_grad_norm", "train.on_nonfinite",
+                       "train.max_nonfinite_skips"))
 
 
 def absolute(workdir: str) -> str:
@@ -258,6 +267,10 @@ def plan(workdir: str, flat_config: Mapping[str, Any], stages: Sequence[str],
     ups = [u for u in UPSTREAM[stage] if u in running]
     if ups:
       step = Step(stage, True, True, f"upstream {ups[0]} runs")
+    elif (manifest is not None and changes and not done
+          and all(c.split(" ", 1)[0] in RESUMABLE for c in changes)):
+      step = Step(stage, True, False, "not finished; resumes from its checkpoints with "
+                  + "; ".join(changes))
     elif manifest is not None and changes:
       step = Step(stage, True, True, "inputs changed: " + "; ".join(changes[:4])
                   + (f" (+{len(changes) - 4} more)" if len(changes) > 4 else ""))

@@ -130,6 +130,22 @@ def test_unfinished_stage_with_same_inputs_resumes(tmp_path):
   assert "resumes" in steps[1].reason
 
 
+def test_lower_lr_after_a_divergence_resumes_an_unfinished_train_stage(tmp_path):
+  """The advice of a divergence ("re-run with a lower train.lr") must not wipe the finite
+  checkpoints: an unfinished train stage whose only changes are RESUMABLE resumes."""
+  wd, flat = str(tmp_path), _flat()
+  _finish(wd, "index", flat)
+  wl.write_manifest(wd, "train", flat, finished=False)  # stopped by a NaN step
+  steps = wl.plan(wd, _flat(train__lr=1e-4), STAGES, [])
+  assert _decisions(steps) == {"index": "reuse", "train": "run", "eval": "scratch"}
+  assert "resumes" in steps[1].reason and "train.lr" in steps[1].reason
+  # any other change, or a finished stage, still starts over
+  steps = wl.plan(wd, _flat(train__lr=1e-4, train__weight_decay=0.1), STAGES, [])
+  assert _decisions(steps)["train"] == "scratch"
+  _finish(wd, "train", flat)
+  assert _decisions(wl.plan(wd, _flat(train__lr=1e-4), STAGES, []))["train"] == "scratch"
+
+
 def test_workdir_without_manifests_is_reused_with_a_warning(tmp_path):
   wd, flat = str(tmp_path), _flat()
   for s in STAGES:

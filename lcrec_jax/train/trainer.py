@@ -311,8 +311,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
     return NonFiniteLossError(
         f"train: {why} at step {at_step} (epoch {epoch}; loss {m['loss']}, gradient norm "
         f"{m['grad_norm']}); the update was not applied and training stops; {where}",
-        hint="re-run with a lower --config.train.lr (it resumes from that checkpoint), "
-             "check the data, or set --config.train.on_nonfinite=skip")
+        hint=("re-run with a lower --config.train.lr (it resumes from that checkpoint; if it "
+              f"diverges again at once, delete {train_dir} to start over), "
+              if last is not None else "re-run with a lower --config.train.lr, ")
+             + "check the data, or set --config.train.on_nonfinite=skip")
 
   ckpt.install_sigterm_handler()
   stopped_early = False
