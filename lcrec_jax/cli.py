@@ -121,7 +121,7 @@ def parse_flags(argv: Sequence[str], prog: str) -> list[str]:
     return flags.FLAGS(list(argv))
   except flags.Error as e:
     fail(prog, str(e), hint=f"python -m lcrec_jax.{prog} --helpshort lists the flags")
-  except (AttributeError, KeyError) as e:  # ml_collections: an override of a missing field
+  except (AttributeError, KeyError):  # ml_collections: an override of a missing field
     err = unknown_config_field(argv)
     if err is None:
       raise

@@ -25,7 +25,7 @@ import tempfile
 import time
 from typing import Callable
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from lcrec_jax import cpu_flags, fs, spec

@@ -1,6 +1,5 @@
 """The shared progress helper: log lines (done/total, rate, time left) without a terminal."""
 
-from absl import logging as absl_logging
 import pytest
 
 from lcrec_jax import progress

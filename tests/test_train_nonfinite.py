@@ -19,9 +19,14 @@ from lcrec_jax.train import checkpoint as ckpt_lib
 from lcrec_jax.train import finite
 from lcrec_jax.train import trainer as trainer_lib
 from tests.test_train_resume import (STEPS_PER_EPOCH, Crash, _assert_same_params, batches,
-                                     make_config, model_and_params)  # noqa: F401
+                                     make_config, tiny_model_and_params)
 
 FULL_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+  return tiny_model_and_params()
 
 
 def _train(wd, model, params, **kw):

@@ -53,11 +53,16 @@ def make_config(**train_kw) -> ml_collections.ConfigDict:
   return c
 
 
-@pytest.fixture(scope="module")
-def model_and_params():
+def tiny_model_and_params():
+  """A 2-layer tiny LLaMA and its host params (shared with test_train_nonfinite)."""
   model = Llama(tiny(vocab=VOCAB, hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64))
   params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
   return model, jax.device_get(params)
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+  return tiny_model_and_params()
 
 
 def run(workdir, model, params, config=None, **kw):
