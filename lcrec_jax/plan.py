@@ -165,6 +165,22 @@ def _global_bytes(tree: Any) -> int:
   return int(sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
+def _mesh(config, mesh_shape: dict, devices):
+  """``(shape, mesh, axis rules)`` for ``--mesh`` over ``devices`` (default: the first ones)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  shape = tuple(int(mesh_shape.get(a, 1)) for a in mesh_lib.MESH_AXES)
+  n_dev = math.prod(shape)
+  if devices is None:
+    if len(jax.devices()) < n_dev:
+      raise ValueError(f"--mesh: {dict(zip(mesh_lib.MESH_AXES, shape))} needs {n_dev} "
+                       f"devices, {len(jax.devices())} are available (set --devices)")
+    devices = jax.devices()[:n_dev]
+  mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(zip(mesh_lib.MESH_AXES, shape))),
+                            devices)
+  return shape, mesh, mesh_lib.axis_rules(config.get("mesh", None))
+
+
 def plan_train_step(config: ml_collections.ConfigDict, mesh_shape: Mapping[str, int], *,
                     seq_len: int, global_batch: int | None = None,
                     grad_accum_steps: int | None = None, target_mfu: float = 0.4,
@@ -200,16 +216,7 @@ def plan_train_step(config: ml_collections.ConfigDict, mesh_shape: Mapping[str, 
   from lcrec_jax.train import step as step_lib
   # pylint: enable=g-import-not-at-top
   tc = config.train
-  shape = tuple(int(mesh_shape.get(a, 1)) for a in mesh_lib.MESH_AXES)
-  n_dev = math.prod(shape)
-  if devices is None:
-    if len(jax.devices()) < n_dev:
-      raise ValueError(f"--mesh: {dict(zip(mesh_lib.MESH_AXES, shape))} needs {n_dev} "
-                       f"devices, {len(jax.devices())} are available (set --devices)")
-    devices = jax.devices()[:n_dev]
-  mesh_cfg = ml_collections.ConfigDict(dict(zip(mesh_lib.MESH_AXES, shape)))
-  mesh = mesh_lib.make_mesh(mesh_cfg, devices)
-  rules = mesh_lib.axis_rules(config.get("mesh", None))
+  shape, mesh, rules = _mesh(config, mesh_shape, devices)
   global_batch = int(global_batch or tc.batch_size)
   accum = max(int(grad_accum_steps or tc.get("grad_accum_steps", 1)), 1)
   batch_ways = shape[0] * shape[1]
@@ -335,16 +342,7 @@ def plan_decode(config: ml_collections.ConfigDict, mesh_shape: Mapping[str, int]
   from lcrec_jax.train import mesh as mesh_lib
   from lcrec_jax.train import state as state_lib
   # pylint: enable=g-import-not-at-top
-  shape = tuple(int(mesh_shape.get(a, 1)) for a in mesh_lib.MESH_AXES)
-  n_dev = math.prod(shape)
-  if devices is None:
-    if len(jax.devices()) < n_dev:
-      raise ValueError(f"--mesh: {dict(zip(mesh_lib.MESH_AXES, shape))} needs {n_dev} "
-                       f"devices, {len(jax.devices())} are available (set --devices)")
-    devices = jax.devices()[:n_dev]
-  mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(zip(mesh_lib.MESH_AXES, shape))),
-                            devices)
-  rules = mesh_lib.axis_rules(config.get("mesh", None))
+  shape, mesh, rules = _mesh(config, mesh_shape, devices)
   ways = shape[0] * shape[1]
   batch = int(batch or config.eval.batch_size)
   batch = -(-batch // ways) * ways
