@@ -16,7 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+import os
+
 from lcrec_jax import cli
+from lcrec_jax.errors import ConfigError
 from lcrec_jax.decode.unconstrained import beam_search
 from lcrec_jax.llm import build, safetensors_io
 from lcrec_jax.llm.model import Llama
@@ -36,12 +39,22 @@ def load(gguf: str = "", hf_dir: str = ""):
   Raises:
     lcrec_jax.train.finite.NonFiniteError: the weights hold NaN/inf values.
   """
+  if hf_dir and gguf:
+    raise ConfigError("--gguf and --hf_dir are both set; give one of them")
+  if hf_dir and not os.path.isfile(os.path.join(hf_dir, "config.json")):
+    raise ConfigError(f"--hf_dir={hf_dir}: no config.json there (not an HF model directory)",
+                      hint="point it at an exported model, e.g. <workdir>/model")
+  if gguf and not os.path.isfile(gguf):
+    raise ConfigError(f"--gguf={gguf}: no such file")
   if hf_dir:
     params, cfg = safetensors_io.load_hf_dir(hf_dir)
     check_finite(params, f"{hf_dir}: params")
     return Llama(cfg), params, LCRecTokenizer.from_dir(hf_dir)
   from lcrec_jax.llm import config as config_lib, convert, gguf_io
-  path = gguf or build.default_gguf_path()
+  try:
+    path = gguf or build.default_gguf_path()
+  except FileNotFoundError as e:
+    raise ConfigError(f"--gguf is empty and {e}") from None
   state_dict, hf_cfg = gguf_io.load_gguf(path)
   cfg = config_lib.LlamaConfig.from_hf_dict(hf_cfg)
   return Llama(cfg), convert.params_from_hf(state_dict, cfg), LCRecTokenizer.from_gguf(path)

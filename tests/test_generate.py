@@ -1,6 +1,8 @@
 """Greedy generation with the real SmolLM2-135M weights equals PyTorch transformers'."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -29,3 +31,18 @@ def test_smollm2_greedy_matches_transformers():
   np.testing.assert_array_equal(ours, theirs)
   text = tok.decode(ours.tolist())
   assert "Paris" in text, text
+
+
+@pytest.mark.parametrize("flag,expect", [
+    ("--gguf=/no/such/model.gguf", "--gguf=/no/such/model.gguf: no such file"),
+    ("--hf_dir=.", "--hf_dir=.: no config.json there"),
+])
+def test_bad_model_path_is_one_line(flag, expect, tmp_path):
+  """A wrong --gguf / --hf_dir is a one-line error naming the flag, exit 2, no traceback."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=repo)
+  out = subprocess.run([sys.executable, "-m", "lcrec_jax.generate", "--prompt=hi", flag],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2, out.stderr
+  assert f"generate: error: {expect}" in out.stderr
+  assert "Traceback" not in out.stderr
