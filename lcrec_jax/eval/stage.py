@@ -54,13 +54,17 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, index: ItemInd
   """``(model, params, tokenizer)`` of the finished train stage, params sharded on a mesh.
 
   The model, the tokenizer and the frozen part of the params (a LoRA base) are built
-  from the recipe as the train stage built them; the trained part comes from the newest
+  from the recipe as the train stage built them (a randomly initialised model that was
+  trained whole is only shaped, never drawn on the host); the trained part comes from the newest
   checkpoint under ``<workdir>/train/checkpoints``. The mesh is ``config.mesh`` over every
   device, with the rules of ``config.mesh.axis_rules``.
   """
   from lcrec_jax.train.stage import trained_tree  # pylint: disable=g-import-not-at-top
+  lora = config.model.get("lora", None)
+  full = lora is None or lora.rank <= 0  # every weight comes from the checkpoint
   model, base, tokenizer = build.build_model(
-      config.model, index, config.seed, tokenizer_dir=fs.join(workdir, "train", "tokenizer"))
+      config.model, index, config.seed, tokenizer_dir=fs.join(workdir, "train", "tokenizer"),
+      abstract=full)
   tree, mask = trained_tree(config, base, model.config)
   mesh = mesh_lib.make_mesh(config.mesh)
   ckpt_dir = fs.join(workdir, "train", "checkpoints")

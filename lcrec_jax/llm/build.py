@@ -21,7 +21,9 @@ import os
 import tempfile
 from typing import Any, Callable, Iterable
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from lcrec_jax import fs, spec
@@ -86,11 +88,14 @@ def _numerics(mc) -> dict[str, object]:
 
 def build_model(mc: ml_collections.ConfigDict, index: ItemIndex, seed: int,
                 corpus: Callable[[], Iterable[str]] | None = None,
-                tokenizer_dir: str | None = None
+                tokenizer_dir: str | None = None, abstract: bool = False
                 ) -> tuple[Llama, dict[str, Any], LCRecTokenizer]:
   """``(model, params, tokenizer)`` with every code token of ``index`` in the vocabulary.
 
   ``corpus`` / ``tokenizer_dir``: for ``model.tokenizer = "trained"`` (:func:`load_tokenizer`).
+  ``abstract``: with ``model.init = "random"``, ``params`` are ``jax.ShapeDtypeStruct``
+  leaves (nothing drawn or allocated): for callers that take every value from a
+  checkpoint (the eval stage of a full fine-tune).
   """
   tokenizer = load_tokenizer(mc, corpus, tokenizer_dir)
   base_vocab = tokenizer.vocab_size
@@ -101,7 +106,12 @@ def build_model(mc: ml_collections.ConfigDict, index: ItemIndex, seed: int,
     cfg = config_lib.preset(mc.preset, vocab_size=vocab_size,
                             bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                             pad_token_id=tokenizer.pad_id, **overrides, **_numerics(mc))
-    params = init_params(cfg, jax.random.PRNGKey(seed))
+    if abstract:
+      ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+      params = jax.eval_shape(lambda t: Llama(cfg).init(jax.random.PRNGKey(seed), t), ids)
+      params = nn.unbox(params)["params"]
+    else:
+      params = init_params(cfg, jax.random.PRNGKey(seed))
   elif mc.init == "pretrained":
     if spec.get(mc, "model.hf_dir"):
       cfg = safetensors_io.load_hf_config(mc.hf_dir, **_numerics(mc))
