@@ -211,9 +211,9 @@ def plan_train_step(config: ml_collections.ConfigDict, mesh_shape: Mapping[str, 
   import numpy as np
   from lcrec_jax.llm.model import Llama
   from lcrec_jax.train import mesh as mesh_lib
-  from lcrec_jax.train import metrics as metrics_lib
   from lcrec_jax.train import state as state_lib
   from lcrec_jax.train import step as step_lib
+  from lcrec_jax.train import summaries
   # pylint: enable=g-import-not-at-top
   tc = config.train
   shape, mesh, rules = _mesh(config, mesh_shape, devices)
@@ -251,8 +251,8 @@ def plan_train_step(config: ml_collections.ConfigDict, mesh_shape: Mapping[str, 
 
   params = abstract.trainable
   tokens = global_batch * seq_len
-  fpt = metrics_lib.train_flops_per_token(cfg.num_params(), cfg.num_hidden_layers,
-                                          cfg.hidden_size, seq_len)
+  fpt = summaries.train_flops_per_token(cfg.num_params(), cfg.num_hidden_layers,
+                                        cfg.hidden_size, seq_len)
   tok_per_chip = target_mfu * peak / fpt if peak > 0 else float("nan")
   arg, out = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
   tmp, alias = int(mem.temp_size_in_bytes), int(mem.alias_size_in_bytes)

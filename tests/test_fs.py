@@ -214,23 +214,31 @@ def test_gs_append_log_rewrites_the_object(bucket):
 
 
 def test_gs_training_metrics_and_tensorboard(bucket):
-  from lcrec_jax.train import metrics as metrics_lib
+  from lcrec_jax.train import summaries
+  from tests import tb_events
   logdir = BUCKET + "/run/train"
-  w = metrics_lib.MetricsWriter(logdir)
+  w = summaries.MetricsWriter(logdir)
   for step in (1, 2, 3):
     w.write(step, {"loss": 1.0 / step}, prefix="train/")
   w.close()
-  rows = metrics_lib.read_jsonl(logdir + "/metrics.jsonl")
+  rows = summaries.read_jsonl(logdir + "/metrics.jsonl")
   assert [r["step"] for r in rows] == [1, 2, 3] and rows[2]["train/loss"] == pytest.approx(1 / 3)
   (event_file,) = fs.listdir(logdir + "/tb")
   assert os.path.isfile(_local(bucket, f"{logdir}/tb/{event_file}"))
-  payloads = metrics_lib.read_tfrecords(f"{logdir}/tb/{event_file}")  # CRC-checked
-  assert len(payloads) == 4 and b"train/loss" in payloads[-1]
-  # Resume after step 2: later rows are dropped from the object, new ones appended.
-  w = metrics_lib.MetricsWriter(logdir, tensorboard=False, drop_after_step=2)
-  w.write(3, {"loss": 0.5})
+  events = tb_events.read_events(f"{logdir}/tb/{event_file}")  # CRC-checked
+  assert events[0].file_version == "brain.Event:2"
+  assert tb_events.scalars(logdir + "/tb") == {
+      "train/loss": [(1, 1.0), (2, pytest.approx(0.5)), (3, pytest.approx(1 / 3))]}
+  # Resume after step 2: later rows are dropped from the object, new ones appended; a
+  # second event file marks step 3 as purged, so TensorBoard shows the redone step 3.
+  w = summaries.MetricsWriter(logdir, drop_after_step=2)
+  w.write(3, {"loss": 0.25}, prefix="train/")
   w.close()
-  assert [r["step"] for r in metrics_lib.read_jsonl(logdir + "/metrics.jsonl")] == [1, 2, 3]
+  rows = summaries.read_jsonl(logdir + "/metrics.jsonl")
+  assert [(r["step"], r["train/loss"]) for r in rows] == [(1, 1.0), (2, 0.5), (3, 0.25)]
+  assert len(fs.listdir(logdir + "/tb")) == 2
+  assert tb_events.scalars(logdir + "/tb") == {
+      "train/loss": [(1, 1.0), (2, pytest.approx(0.5)), (3, 0.25)]}
 
 
 def _toy_index_inputs():

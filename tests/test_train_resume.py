@@ -19,9 +19,10 @@ import pytest
 from lcrec_jax.llm.config import tiny
 from lcrec_jax.llm.model import Llama
 from lcrec_jax.train import checkpoint as ckpt_lib
-from lcrec_jax.train import metrics as metrics_lib
+from lcrec_jax.train import summaries
 from lcrec_jax.train import trainer as trainer_lib
 from lcrec_jax.train.mesh import default_mesh_config
+from tests import tb_events
 
 VOCAB, B, T, STEPS_PER_EPOCH, NUM_STEPS = 256, 8, 16, 4, 6
 
@@ -93,7 +94,7 @@ def test_uninterrupted_run_learns_and_logs(uninterrupted):
   losses = [h["loss"] for h in res.history]
   assert res.step == NUM_STEPS and len(losses) == NUM_STEPS and not res.stopped_early
   assert losses[-1] < losses[0]
-  records = metrics_lib.read_jsonl(os.path.join(wd, "train", "metrics.jsonl"))
+  records = summaries.read_jsonl(os.path.join(wd, "train", "metrics.jsonl"))
   train_steps = [r["step"] for r in records if "train/loss" in r]
   assert train_steps == list(range(1, NUM_STEPS + 1))
   assert [r["step"] for r in records if "valid/loss" in r] == [4, 6]
@@ -101,12 +102,13 @@ def test_uninterrupted_run_learns_and_logs(uninterrupted):
   ckpts = ckpt_lib.Checkpointer(os.path.join(wd, "train", "checkpoints"))
   assert ckpts.all_steps() == [2, 4, 6]
   ckpts.close()
-  # The TensorBoard event file is valid TFRecord framing (CRC-checked) with our tags.
+  # One TensorBoard event file (CRC-checked) with the same points as metrics.jsonl.
   tb_dir = os.path.join(wd, "train", "tb")
   (event_file,) = os.listdir(tb_dir)
-  payloads = metrics_lib.read_tfrecords(os.path.join(tb_dir, event_file))
-  assert b"brain.Event:2" in payloads[0]
-  assert any(b"train/loss" in p for p in payloads) and any(b"valid/loss" in p for p in payloads)
+  assert tb_events.read_events(os.path.join(tb_dir, event_file))[0].file_version == "brain.Event:2"
+  tb = tb_events.scalars(tb_dir)
+  for tag in ("train/loss", "valid/loss"):
+    assert tb[tag] == [(r["step"], pytest.approx(r[tag])) for r in records if tag in r]
 
 
 def test_crash_and_resume_matches_exactly(model_and_params, uninterrupted, tmp_path):
@@ -127,8 +129,14 @@ def test_crash_and_resume_matches_exactly(model_and_params, uninterrupted, tmp_p
   _assert_same_params(res.state.params, full.state.params)
   _assert_same_params(res.state.opt_state, full.state.opt_state)
   # metrics.jsonl: the crashed run's step 3 line was dropped on resume, none duplicated.
-  records = metrics_lib.read_jsonl(os.path.join(tmp_path, "train", "metrics.jsonl"))
+  records = summaries.read_jsonl(os.path.join(tmp_path, "train", "metrics.jsonl"))
   assert [r["step"] for r in records if "train/loss" in r] == list(range(1, NUM_STEPS + 1))
+  # TensorBoard: the resumed run's file purges step 3 of the crashed run's file, so each
+  # step shows once, with the losses of the uninterrupted run.
+  tb_dir = os.path.join(tmp_path, "train", "tb")
+  assert len(os.listdir(tb_dir)) == 2
+  assert tb_events.scalars(tb_dir)["train/loss"] == [
+      (h["step"], pytest.approx(h["loss"])) for h in full.history]
 
 
 def test_sigterm_saves_and_resume_matches(model_and_params, uninterrupted, tmp_path):
@@ -179,7 +187,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(model_and_params, tmp_pat
                     schedule="constant", max_grad_norm=0.0)
   with pytest.raises(trainer_lib.NonFiniteLossError, match="last checkpoint \\(finite\\) is step") as e:
     trainer_lib.train(cfg, tmp_path, model, params, batches, STEPS_PER_EPOCH)
-  records = metrics_lib.read_jsonl(os.path.join(tmp_path, "train", "metrics.jsonl"))
+  records = summaries.read_jsonl(os.path.join(tmp_path, "train", "metrics.jsonl"))
   last_good = records[-1]["step"]
   assert all(np.isfinite(r["train/loss"]) for r in records)
   assert f"at step {last_good + 1} " in str(e.value)

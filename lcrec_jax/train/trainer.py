@@ -43,9 +43,9 @@ from lcrec_jax.errors import ConfigError
 from lcrec_jax.train import checkpoint as ckpt_lib
 from lcrec_jax.train import finite as finite_lib
 from lcrec_jax.train import mesh as mesh_lib
-from lcrec_jax.train import metrics as metrics_lib
 from lcrec_jax.train import state as state_lib
 from lcrec_jax.train import step as step_lib
+from lcrec_jax.train import summaries as metrics_lib
 
 PyTree = Any
 Batch = Mapping[str, np.ndarray]
