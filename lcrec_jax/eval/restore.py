@@ -28,12 +28,12 @@ from jax.sharding import Mesh
 
 from lcrec_jax.errors import WorkdirError
 from lcrec_jax.llm import lora as lora_lib
+from lcrec_jax.llm.config import DTYPES
 from lcrec_jax.train import mesh as mesh_lib
 from lcrec_jax.train import state as state_lib
 from lcrec_jax.train.step import cast_floating
 
 PyTree = Any
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def latest_checkpoint_step(checkpoint_dir: str) -> int | None:
@@ -60,7 +60,8 @@ def restore_trained_params(checkpoint_dir: str, model: nn.Module, init_tree: PyT
     mask: the trainable mask training used (None = everything trained).
     mesh: the ``('data', 'fsdp', 'tensor')`` mesh to place the params on.
     rules: logical axis rules (``config.mesh.axis_rules``).
-    compute_dtype: ``float32`` | ``bfloat16`` | ``float16``: floating params are cast.
+    compute_dtype: a name in ``llm.config.DTYPES`` (configs offer ``float32``,
+      ``bfloat16``, ``float16``); floating params are cast to it.
     step: checkpoint step (default: the newest).
 
   Returns:
@@ -70,8 +71,8 @@ def restore_trained_params(checkpoint_dir: str, model: nn.Module, init_tree: PyT
   Raises:
     WorkdirError: no finished checkpoint under ``checkpoint_dir``.
   """
-  if compute_dtype not in _DTYPES:
-    raise ValueError(f"train.compute_dtype: {compute_dtype!r} is not one of {list(_DTYPES)}")
+  if compute_dtype not in DTYPES:
+    raise ValueError(f"train.compute_dtype: {compute_dtype!r} is not one of {list(DTYPES)}")
   step = latest_checkpoint_step(checkpoint_dir) if step is None else step
   if step is None:
     raise WorkdirError(f"{checkpoint_dir}: no finished training checkpoint (run the train "
@@ -96,7 +97,7 @@ def restore_trained_params(checkpoint_dir: str, model: nn.Module, init_tree: PyT
   _, frozen = state_lib.split_params(init_tree, mask)
   frozen = jax.jit(lambda x: x, out_shardings=f_shard)(frozen)
   base_shard = shardings["params"] if state_lib.is_lora_tree(init_tree) else shardings
-  dtype = _DTYPES[compute_dtype]
+  dtype = DTYPES[compute_dtype]
 
   def finish(t, f):
     p = state_lib.merge_params(t, f)

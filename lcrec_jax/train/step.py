@@ -3,8 +3,8 @@
 Batch layout (from `lcrec_jax.tasks.batching`), all `[batch, len]`:
   tokens          int32 token ids,
   labels          int32, HF convention: `labels[b, t]` is the token expected *at*
-                  position t (usually `tokens[b, t]`), -100 where there is no loss
-                  (prompt and padding); the model's output at t-1 predicts it,
+                  position t (usually `tokens[b, t]`), `IGNORE` (-100) where there is
+                  no loss (prompt and padding); the model's output at t-1 predicts it,
   attention_mask  int32/bool, 1 for real tokens,
   positions       int32 rotary positions.
 
@@ -25,11 +25,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lcrec_jax.tasks.batching import IGNORE
 from lcrec_jax.train import finite
 from lcrec_jax.train import mesh as mesh_lib
 from lcrec_jax.train.state import TrainState, is_lora_tree, merge_params
 
-IGNORE = -100
 BATCH_KEYS = ("tokens", "labels", "attention_mask", "positions")
 PyTree = Any
 Batch = Mapping[str, jax.Array]
