@@ -55,7 +55,7 @@ def restore_trained_params(checkpoint_dir: str, model: nn.Module, init_tree: PyT
     checkpoint_dir: ``<workdir>/train/checkpoints`` (local or ``gs://``).
     model: the ``Llama`` that was trained.
     init_tree: the tree training started from, as the train stage built it: the base
-      params, or ``{"params": base, "lora": LoraParams}``. Only its frozen leaves'
+      params, or a ``LoraTree(params=base, lora=adapters)``. Only its frozen leaves'
       values are used (the trainable ones come from the checkpoint); host arrays.
     mask: the trainable mask training used (None = everything trained).
     mesh: the ``('data', 'fsdp', 'tensor')`` mesh to place the params on.
@@ -96,13 +96,13 @@ def restore_trained_params(checkpoint_dir: str, model: nn.Module, init_tree: PyT
   trainable = restored["trainable"]
   _, frozen = state_lib.split_params(init_tree, mask)
   frozen = jax.jit(lambda x: x, out_shardings=f_shard)(frozen)
-  base_shard = shardings["params"] if state_lib.is_lora_tree(init_tree) else shardings
+  base_shard = shardings.params if isinstance(init_tree, lora_lib.LoraTree) else shardings
   dtype = DTYPES[compute_dtype]
 
   def finish(t, f):
     p = state_lib.merge_params(t, f)
-    if state_lib.is_lora_tree(p):
-      p = lora_lib.merge(p["params"], p["lora"])
+    if isinstance(p, lora_lib.LoraTree):
+      p = lora_lib.merge(p.params, p.lora)
     return cast_floating(p, dtype)
 
   params = jax.jit(finish, out_shardings=base_shard)(trainable, frozen)

@@ -41,6 +41,7 @@ from lcrec_jax import fs
 from lcrec_jax import progress as progress_lib
 from lcrec_jax.errors import ConfigError
 from lcrec_jax.llm.config import DTYPES
+from lcrec_jax.llm.lora import LoraTree
 from lcrec_jax.train import checkpoint as ckpt_lib
 from lcrec_jax.train import finite as finite_lib
 from lcrec_jax.train import mesh as mesh_lib
@@ -184,7 +185,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
     model: the Linen LLaMA (`lcrec_jax.llm.model.Llama`) or any module with the same
       call signature and a `logits` method.
     params: unboxed initial params (pretrained or fresh), or for LoRA
-      `{"params": base, "lora": lcrec_jax.llm.lora.LoraParams}` (adapters applied on the
+      `lcrec_jax.llm.lora.LoraTree(params=base, lora=adapters)` (adapters applied on the
       fly; pair with `trainable_mask=lora.trainable_mask(that tree)`). On resume, the
       frozen part is taken from here and the trainable part from the checkpoint.
     batches: `batches(epoch, start_step)` -> iterable of global numpy batches.
@@ -235,7 +236,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
 
   tx, schedule = state_lib.make_optimizer(tc, num_steps, tail=tx_tail)
   boxed = state_lib.abstract_boxed_params(model, np.zeros((1, 8), np.int32))
-  _check_params(params["params"] if state_lib.is_lora_tree(params) else params, boxed)
+  _check_params(params.params if isinstance(params, LoraTree) else params, boxed)
   shardings = state_lib.state_shardings(tx, boxed, trainable_mask, mesh, rules, params)
 
   train_dir = fs.join(workdir, "train")  # local or gs://
