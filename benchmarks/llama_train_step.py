@@ -133,7 +133,7 @@ def _labels(toks: np.ndarray) -> np.ndarray:
 
 
 def _loss_fn(model):
-  """Loss of `params` (or `{"params", "lora"}`) on `(tokens, labels)`."""
+  """Loss of `params` (or a `lora.LoraTree`) on `(tokens, labels)`."""
   if ARGS.label_tokens > 0:
     from lcrec_jax.train import step as step_lib
 
@@ -148,8 +148,8 @@ def _loss_fn(model):
 
   def loss(p, toks, labels):
     del labels
-    if isinstance(p, dict) and "lora" in p:
-      logits = model.apply({"params": p["params"]}, toks, lora=p["lora"])[0]
+    if isinstance(p, lora_lib.LoraTree):
+      logits = model.apply({"params": p.params}, toks, lora=p.lora)[0]
     else:
       logits = model.apply({"params": p}, toks)[0]
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
@@ -187,7 +187,7 @@ def _jax_setup(cfg, params, mode):
 
   @functools.partial(jax.jit, donate_argnums=(1, 2))
   def lstep(params, lo, state, toks, labels):
-    f = lambda l: loss_fn({"params": params, "lora": l}, toks, labels)
+    f = lambda l: loss_fn(lora_lib.LoraTree(params=params, lora=l), toks, labels)
     loss, g = jax.value_and_grad(f)(lo)
     upd, state = opt.update(g, state, lo)
     return optax.apply_updates(lo, upd), state, loss

@@ -72,13 +72,13 @@ def test_frame_boundaries_and_label_mask(setup):
       assert tok.decode(prompt) == batching.format_prompt(ex.instruction)
       assert tok.decode(resp[:-1]) == ex.response
       if r < planned.num_real:
-        assert np.all(row_l[:p] == batching.IGNORE_INDEX)       # prompt: no loss
+        assert np.all(row_l[:p] == batching.IGNORE)       # prompt: no loss
         np.testing.assert_array_equal(row_l[p:n], resp)          # response + EOS: loss
         assert row_l[n - 1] == tok.eos_id
-        assert np.all(row_l[n:] == batching.IGNORE_INDEX)        # padding: no loss
+        assert np.all(row_l[n:] == batching.IGNORE)        # padding: no loss
       else:
         n_filler += 1
-        assert np.all(row_l == batching.IGNORE_INDEX)            # filler rows: no loss
+        assert np.all(row_l == batching.IGNORE)            # filler rows: no loss
   assert n_filler > 0  # the partial batches were exercised
 
 
@@ -90,7 +90,7 @@ def test_seqrec_labels_are_the_target_code_ids(setup):
   for planned, batch in zip(b.plan(5, 2), b.batches(5, 2)):
     for r in range(planned.num_real):
       e = seq[int(planned.indices[r])]
-      labels = batch["labels"][r][batch["labels"][r] != batching.IGNORE_INDEX]
+      labels = batch["labels"][r][batch["labels"][r] != batching.IGNORE]
       np.testing.assert_array_equal(labels, list(item_ids[e.meta["target"]]) + [tok.eos_id])
       # The history's code ids appear in the prompt in order.
       hist_ids = item_ids[list(e.meta["history"])].reshape(-1)
@@ -115,7 +115,7 @@ def test_epoch_covers_each_example_once_in_smallest_bucket(setup):
     assert batch["tokens"].shape[1] in BUCKETS and batch["tokens"].shape[0] == bs
     assert np.all(b.data.bucket[planned.indices] == planned.length)
     seen[planned.indices[:planned.num_real]] += 1
-    label_tokens += int(np.sum(batch["labels"] != batching.IGNORE_INDEX))
+    label_tokens += int(np.sum(batch["labels"] != batching.IGNORE))
   assert np.all(seen == 1)
   assert label_tokens == sum(len(response_ids(tok, e.response)) for e in examples)
   per_bucket = np.bincount(np.searchsorted(BUCKETS, b.data.bucket), minlength=len(BUCKETS))
@@ -203,7 +203,7 @@ def test_bos_is_prepended_without_loss(setup):
   b = batching.Batcher(examples[:10], tok, batch_size=2, buckets=BUCKETS, add_bos=True)
   for batch in b.batches(0, 0):
     assert np.all(batch["tokens"][:, 0] == tok.bos_id)
-    assert np.all(batch["labels"][:, 0] == batching.IGNORE_INDEX)
+    assert np.all(batch["labels"][:, 0] == batching.IGNORE)
   assert tok.add_bos_token is False  # default follows the tokenizer: SmolLM2 adds none
   b2 = batching.Batcher(examples[:10], tok, batch_size=2, buckets=BUCKETS)
   assert all(p[0] != tok.bos_id for p in b2.data.prompts)
@@ -229,7 +229,7 @@ def test_plain_encode_tokenizer_works():
   exs = [Example("seqrec", f"history <a_{k}>", f"<a_{(k + 1) % 4}>") for k in range(4)]
   batch = next(batching.batches(exs, Plain(), 4, (64,), seed=0, epoch=0))
   for row_t, row_l in zip(batch["tokens"], batch["labels"]):
-    lab = row_l[row_l != batching.IGNORE_INDEX]
+    lab = row_l[row_l != batching.IGNORE]
     assert len(lab) == 2 and lab[-1] == Plain.eos_id
     assert raw.id_to_token(int(lab[0])).startswith("<a_")
   assert prompts.HISTORY_SEP == ", "
@@ -262,7 +262,7 @@ def test_history_loss_labels_every_history_code_of_chosen_tasks(setup):
     for r, i in enumerate(planned.indices):
       ex, p = examples[int(i)], plain.data.prompts[int(i)]
       if r >= planned.num_real:  # filler rows never carry a loss
-        assert (b["labels"][r] == batching.IGNORE_INDEX).all()
+        assert (b["labels"][r] == batching.IGNORE).all()
         continue
       np.testing.assert_array_equal(a["labels"][r, len(p):], b["labels"][r, len(p):])
       if ex.task != "seqrec":
@@ -272,7 +272,7 @@ def test_history_loss_labels_every_history_code_of_chosen_tasks(setup):
       seen["seqrec"] += 1
       hist_codes = [code for code in re.findall(r"<[a-z]_\d+>", ex.instruction)]
       labelled = b["labels"][r, :len(p)]
-      got = [int(x) for x in labelled if x != batching.IGNORE_INDEX]
+      got = [int(x) for x in labelled if x != batching.IGNORE]
       assert got == [tok.token_to_id(c) for c in hist_codes]
       hist_items = ex.meta["history"]
       assert got == [int(tok.token_to_id(index.item_tokens(i)[l])) for i in hist_items

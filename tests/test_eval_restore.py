@@ -16,7 +16,7 @@ from lcrec_jax.train import mesh as mesh_lib
 from lcrec_jax.train import state as state_lib
 
 
-def _setup(tmp_path, lora: bool):
+def _setup(tmp_path, lora: bool, dict_on_disk: bool = False):
   cfg = tiny(vocab=64, hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64)
   model = Llama(cfg)
   base = jax.device_get(init_params(cfg, jax.random.PRNGKey(0)))
@@ -24,28 +24,32 @@ def _setup(tmp_path, lora: bool):
   if lora:
     adapters = lora_lib.init_lora(jax.random.PRNGKey(1), base, cfg, rank=4, alpha=8.0,
                                   targets=("q_proj", "down_proj"))
-    tree = {"params": base, "lora": adapters}
+    tree = lora_lib.LoraTree(params=base, lora=adapters)
     mask = lora_lib.trainable_mask(tree)
   trainable, _ = state_lib.split_params(tree, mask)
   # "Trained": every trainable leaf moved (lora_b away from zero, so merging matters).
   rng = np.random.default_rng(0)
   trained = jax.tree.map(lambda x: np.asarray(x) + rng.normal(size=np.shape(x)).astype(
       np.float32) * 0.05, trainable)
+  saved = trained
+  if dict_on_disk:  # as written before LoraTree: {"params": ..., "lora": ...}
+    saved = {"params": trained.params, "lora": trained.lora}
   ckpt_dir = str(tmp_path / "checkpoints")
   with ckpt_lib.Checkpointer(ckpt_dir, async_save=False) as ckpt:
-    ckpt.save(7, {"step": np.int32(7), "trainable": trained,
-                  "opt_state": {"mu": trained}, "rng": np.zeros(2, np.uint32)},
+    ckpt.save(7, {"step": np.int32(7), "trainable": saved,
+                  "opt_state": {"mu": saved}, "rng": np.zeros(2, np.uint32)},
               {"epoch": 0, "step_in_epoch": 7}, force=True)
   _, frozen = state_lib.split_params(tree, mask)
   want = state_lib.merge_params(trained, frozen)
   if lora:
-    want = lora_lib.merge(want["params"], want["lora"])
+    want = lora_lib.merge(want.params, want.lora)
   return model, tree, mask, ckpt_dir, jax.device_get(want)
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_restores_trained_params_sharded_and_merged(tmp_path, lora):
-  model, tree, mask, ckpt_dir, want = _setup(tmp_path, lora)
+@pytest.mark.parametrize("lora,dict_on_disk", [(False, False), (True, False), (True, True)],
+                         ids=["full", "lora", "lora_dict_checkpoint"])
+def test_restores_trained_params_sharded_and_merged(tmp_path, lora, dict_on_disk):
+  model, tree, mask, ckpt_dir, want = _setup(tmp_path, lora, dict_on_disk)
   mesh = mesh_lib.make_mesh(_mesh_cfg())
   params, step = restore.restore_trained_params(ckpt_dir, model, tree, mask, mesh,
                                                 mesh_lib.DEFAULT_AXIS_RULES)
@@ -58,7 +62,7 @@ def test_restores_trained_params_sharded_and_merged(tmp_path, lora):
   assert gate.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
   assert gate.addressable_shards[0].data.shape == (16, 32)
   if lora:  # the merged kernel differs from the frozen base: the adapters are in it
-    base_q = np.asarray(tree["params"]["layers_0"]["self_attn"]["q_proj"]["kernel"])
+    base_q = np.asarray(tree.params["layers_0"]["self_attn"]["q_proj"]["kernel"])
     assert np.abs(np.asarray(params["layers_0"]["self_attn"]["q_proj"]["kernel"])
                   - base_q).max() > 1e-3
 

@@ -8,6 +8,9 @@ tests that use it are slow) is shared by the tests:
   same metrics and the same params as the HF export (``model/``) evaluated the old way;
 * on an (data=2, fsdp=2, tensor=2) mesh the restored params are really sharded and the
   metrics do not change; ``train.compute_dtype=bfloat16`` restores bfloat16 params;
+* a LoRA run (adapters trained on the fly, validated during training) exports the merged
+  model, and the eval stage's restore (checkpoint + rebuilt base, merged on device) gives
+  the same params;
 * the provided index is checked (missing / extra items, ragged, malformed and
   out-of-range codes name the file and the item) and its duplicates are made unique with
   the moved items reported.
@@ -187,6 +190,41 @@ def test_compute_dtype_bfloat16_restores_bfloat16_params(run):
   c.train.compute_dtype = "bfloat16"
   _, params, _ = eval_stage.load_trained(c, workdir, index)
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+
+
+@pytest.mark.slow
+def test_lora_run_exports_and_restores_the_same_merged_params(tmp_path):
+  workdir = str(tmp_path)
+  c = _config(os.path.join(workdir, "ml-100k.index.json"))
+  c.model.lora.rank, c.model.lora.alpha = 2, 4.0
+  c.train.num_steps, c.train.eval_every, c.train.lr = 8, 8, 1e-2
+  c.eval.max_users = 8
+  dataset = load_dataset(c.data)
+  _index_file(c.index.path, dataset)
+  index = index_stage.run_index_stage(c, workdir, dataset, None)
+  train_stage.run_train_stage(c, workdir, dataset, index)
+  with open(os.path.join(workdir, "train", "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert any("valid/HR@10" in r for r in records)  # the hook got base params + adapters
+  _, params, _ = eval_stage.load_trained(c, workdir, index)
+  _, e_params, _ = _export(workdir)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(e_params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+  base, _ = train_stage.trained_tree(c, *_base_params(c, workdir, index))
+  q = ("layers_0", "self_attn", "q_proj", "kernel")
+  a, b = params, base.params
+  for k in q:
+    a, b = a[k], b[k]
+  moved = float(np.abs(np.asarray(a) - np.asarray(b)).max())
+  assert moved > 0  # the adapters trained and are merged in
+
+
+def _base_params(c, workdir, index):
+  from lcrec_jax.llm import build  # pylint: disable=g-import-not-at-top
+  model, base, _ = build.build_model(c.model, index, c.seed,
+                                     tokenizer_dir=os.path.join(workdir, "train", "tokenizer"))
+  return base, model.config
 
 
 # --- the provided index's checks (no training) -------------------------------------------

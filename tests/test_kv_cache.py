@@ -1,4 +1,5 @@
-"""KV cache: prefill + cached one-token steps reproduce a full forward (float32, 1e-5)."""
+"""KV cache: prefill + cached one-token steps reproduce a full forward (float32, 1e-5);
+typed per-layer views."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,8 @@ import pytest
 
 from lcrec_jax.llm import model as model_lib
 from lcrec_jax.llm.config import tiny
-from lcrec_jax.llm.kv_cache import init_cache, reorder_beam_kv, reorder_cache, split_beam_cache
+from lcrec_jax.llm.kv_cache import (BeamLayerKV, LayerKV, init_cache, reorder_beam_kv,
+                                    reorder_cache, split_beam_cache)
 
 TOL = 1e-5
 T_PROMPT, N_STEPS = 6, 4
@@ -157,3 +159,25 @@ def test_split_beam_cache_steps_equal_full_forward(scan):
     seqs = seqs[parents.reshape(-1)]
   assert int(cache.index) == N_STEPS
   np.testing.assert_array_equal(np.asarray(cache.next_pos), np.repeat(mask.sum(1), w) + N_STEPS)
+
+
+def test_layer_views_are_typed():
+  """Each layout hands its layers a NamedTuple of its own; a bare tuple is refused."""
+  cfg = tiny(vocab=61, layers=2, heads=4, kv_heads=2)
+  cache = init_cache(cfg, 2, 5)
+  view = cache.layers()
+  assert type(view) is LayerKV and view.k is cache.k and view.v is cache.v
+  beam = split_beam_cache(cache, 3, 4).layers()
+  assert type(beam) is BeamLayerKV and beam.k.shape[1] == 6 and beam.prompt_k.shape[1] == 2
+  layer = jax.tree.map(lambda a: a[0], beam)  # what an unscanned layer gets
+  assert type(layer) is BeamLayerKV and layer.k.shape == (6, 4, 2, cfg.head_dim)
+  attn = model_lib.Attention(cfg)
+  x = jnp.zeros((2, 1, cfg.hidden_size))
+  ctx = dict(cos=jnp.ones((2, 1, cfg.head_dim)), sin=jnp.zeros((2, 1, cfg.head_dim)),
+             allowed=jnp.ones((2, 1, 5), bool), index=jnp.zeros((), jnp.int32),
+             lora_scale=jnp.zeros(()))
+  v = attn.init(jax.random.PRNGKey(0), x, ctx, LayerKV(cache.k[0], cache.v[0]), None)
+  _, new = attn.apply(v, x, ctx, LayerKV(cache.k[0], cache.v[0]), None)
+  assert type(new) is LayerKV
+  with pytest.raises(TypeError, match="LayerKV"):
+    attn.apply(v, x, ctx, (cache.k[0], cache.v[0]), None)

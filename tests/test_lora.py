@@ -1,4 +1,5 @@
-"""LoRA: zero-B identity, merged == on-the-fly, unmerge inverts merge, masks freeze the base."""
+"""LoRA: zero-B identity, merged == on-the-fly, unmerge inverts merge, masks freeze the base;
+`LoraTree` is a pytree with the leaf paths of the earlier dict tree."""
 
 import jax
 import jax.numpy as jnp
@@ -78,14 +79,14 @@ def test_gradients_agree_and_mask_freezes_base():
                       4)
 
   def loss_fly(tree):
-    logits = m.apply({"params": tree["params"]}, toks, lora=tree["lora"])[0]
+    logits = m.apply({"params": tree.params}, toks, lora=tree.lora)[0]
     return -jnp.mean(jax.nn.log_softmax(logits)[..., 5])
 
   def loss_merge(tree):
-    logits = m.apply({"params": lora_lib.merge(tree["params"], tree["lora"])}, toks)[0]
+    logits = m.apply({"params": lora_lib.merge(tree.params, tree.lora)}, toks)[0]
     return -jnp.mean(jax.nn.log_softmax(logits)[..., 5])
 
-  tree = {"params": params, "lora": lora}
+  tree = lora_lib.LoraTree(params=params, lora=lora)
   g1 = jax.jit(jax.grad(loss_fly))(tree)
   g2 = jax.jit(jax.grad(loss_merge))(tree)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b),
@@ -93,10 +94,10 @@ def test_gradients_agree_and_mask_freezes_base():
 
   v0 = 40  # pretend rows >= 40 are new item-code tokens
   mask = lora_lib.trainable_mask(tree, train_embeddings_rows=True)
-  assert mask["lora"].adapters["layers_0"]["self_attn"]["q_proj"]["lora_a"]
-  assert mask["params"]["embed_tokens"]["embedding"] and mask["params"]["lm_head"]["kernel"]
-  assert not mask["params"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
-  assert not mask["params"]["norm"]["scale"]
+  assert mask.lora.adapters["layers_0"]["self_attn"]["q_proj"]["lora_a"]
+  assert mask.params["embed_tokens"]["embedding"] and mask.params["lm_head"]["kernel"]
+  assert not mask.params["layers_0"]["self_attn"]["q_proj"]["kernel"]
+  assert not mask.params["norm"]["scale"]
   n = lora_lib.num_trainable(tree, mask)
   assert n == sum(x.size for x in jax.tree.leaves(lora)) + 2 * 53 * cfg.hidden_size
 
@@ -105,14 +106,33 @@ def test_gradients_agree_and_mask_freezes_base():
                     lora_lib.freeze_rows(v0))
   new = jax.jit(lambda g, t: optax.apply_updates(t, opt.update(g, opt.init(t), t)[0]))(g1, tree)
   same = lambda a, b: np.array_equal(np.asarray(a), np.asarray(b))
-  assert same(new["params"]["layers_1"]["mlp"]["down_proj"]["kernel"],
+  assert same(new.params["layers_1"]["mlp"]["down_proj"]["kernel"],
               params["layers_1"]["mlp"]["down_proj"]["kernel"])
-  assert not same(new["lora"].adapters["layers_1"]["mlp"]["down_proj"]["lora_b"],
+  assert not same(new.lora.adapters["layers_1"]["mlp"]["down_proj"]["lora_b"],
                   lora.adapters["layers_1"]["mlp"]["down_proj"]["lora_b"])
-  emb0, emb1 = params["embed_tokens"]["embedding"], new["params"]["embed_tokens"]["embedding"]
+  emb0, emb1 = params["embed_tokens"]["embedding"], new.params["embed_tokens"]["embedding"]
   assert same(emb0[:v0], emb1[:v0]) and not same(emb0[v0:], emb1[v0:])
-  h0, h1 = params["lm_head"]["kernel"], new["params"]["lm_head"]["kernel"]
+  h0, h1 = params["lm_head"]["kernel"], new.params["lm_head"]["kernel"]
   assert same(h0[:, :v0], h1[:, :v0]) and not same(h0[:, v0:], h1[:, v0:])
+
+
+def test_lora_tree_is_a_pytree_with_the_dict_trees_paths():
+  """jit and tree.map keep the type; leaf paths are those of `{"params", "lora"}` (orbax
+  stores leaves by path), so either kind of checkpoint restores into the other."""
+  cfg, params, *_ = _setup(False)
+  lora = lora_lib.init_lora(jax.random.PRNGKey(1), params, cfg, rank=2)
+  tree = lora_lib.LoraTree(params=params, lora=lora)
+  out = jax.jit(lambda t: jax.tree.map(lambda x: x * 2, t))(tree)
+  assert isinstance(out, lora_lib.LoraTree) and isinstance(out.lora, lora_lib.LoraParams)
+  assert out.lora.scale == lora.scale
+  assert not isinstance(params, lora_lib.LoraTree)
+
+  def names(t):
+    return [tuple(getattr(k, "name", getattr(k, "key", None)) for k in path)
+            for path, _ in jax.tree_util.tree_leaves_with_path(t)]
+
+  assert sorted(names(tree)) == sorted(names({"params": params, "lora": lora}))
+  assert {n[:2] for n in names(tree)} >= {("lora", "adapters"), ("params", "embed_tokens")}
 
 
 def test_errors():

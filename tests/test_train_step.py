@@ -199,21 +199,21 @@ def test_schedule_warmup_and_decay():
 
 
 def test_lora_tree_trains_adapters_only(model_and_params):
-  """{"params", "lora"} tree with lora.trainable_mask: base kernels stay, B moves; with
+  """A `LoraTree` with lora.trainable_mask: base kernels stay, B moves; with
   B = 0 the first loss equals the base model's."""
   from lcrec_jax.llm import lora as lora_lib
   model, params = model_and_params
   adapters = lora_lib.init_lora(jax.random.PRNGKey(1), params, model.config, rank=4)
-  tree = {"params": params, "lora": adapters}
+  tree = lora_lib.LoraTree(params=params, lora=adapters)
   mask = lora_lib.trainable_mask(tree, train_embeddings_rows=False)
   batch = make_batch(5)
   state, m = _one_step(model, tree, batch, 1, mask=mask)
   np.testing.assert_allclose(float(m["loss"]), numpy_loss(model, params, batch), rtol=1e-6)
   q = ("layers_0", "self_attn", "q_proj", "kernel")
-  new_q, old_q = state.params["params"], params
+  new_q, old_q = state.params.params, params
   for k in q:
     new_q, old_q = new_q[k], old_q[k]
   np.testing.assert_array_equal(np.asarray(new_q), np.asarray(old_q))
-  b = state.params["lora"].adapters["layers_0"]["self_attn"]["q_proj"]["lora_b"]
+  b = state.params.lora.adapters["layers_0"]["self_attn"]["q_proj"]["lora_b"]
   assert float(jnp.max(jnp.abs(b))) > 0
-  assert state.trainable["params"]["lm_head"]["kernel"] is None
+  assert state.trainable.params["lm_head"]["kernel"] is None

@@ -28,12 +28,12 @@ from jax.sharding import Mesh
 
 from lcrec_jax.errors import WorkdirError
 from lcrec_jax.llm import lora as lora_lib
+from lcrec_jax.llm.config import DTYPES
 from lcrec_jax.train import mesh as mesh_lib
 from lcrec_jax.train import state as state_lib
 from lcrec_jax.train.step import cast_floating
 
 PyTree = Any
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def latest_checkpoint_step(checkpoint_dir: str) -> int | None:
@@ -55,12 +55,13 @@ def restore_trained_params(checkpoint_dir: str, model: nn.Module, init_tree: PyT
     checkpoint_dir: ``<workdir>/train/checkpoints`` (local or ``gs://``).
     model: the ``Llama`` that was trained.
     init_tree: the tree training started from, as the train stage built it: the base
-      params, or ``{"params": base, "lora": LoraParams}``. Only its frozen leaves'
+      params, or a ``LoraTree(params=base, lora=adapters)``. Only its frozen leaves'
       values are used (the trainable ones come from the checkpoint); host arrays.
     mask: the trainable mask training used (None = everything trained).
     mesh: the ``('data', 'fsdp', 'tensor')`` mesh to place the params on.
     rules: logical axis rules (``config.mesh.axis_rules``).
-    compute_dtype: ``float32`` | ``bfloat16`` | ``float16``: floating params are cast.
+    compute_dtype: a name in ``llm.config.DTYPES`` (configs offer ``float32``,
+      ``bfloat16``, ``float16``); floating params are cast to it.
     step: checkpoint step (default: the newest).
 
   Returns:
@@ -70,8 +71,8 @@ def restore_trained_params(checkpoint_dir: str, model: nn.Module, init_tree: PyT
   Raises:
     WorkdirError: no finished checkpoint under ``checkpoint_dir``.
   """
-  if compute_dtype not in _DTYPES:
-    raise ValueError(f"train.compute_dtype: {compute_dtype!r} is not one of {list(_DTYPES)}")
+  if compute_dtype not in DTYPES:
+    raise ValueError(f"train.compute_dtype: {compute_dtype!r} is not one of {list(DTYPES)}")
   step = latest_checkpoint_step(checkpoint_dir) if step is None else step
   if step is None:
     raise WorkdirError(f"{checkpoint_dir}: no finished training checkpoint (run the train "
@@ -95,13 +96,13 @@ def restore_trained_params(checkpoint_dir: str, model: nn.Module, init_tree: PyT
   trainable = restored["trainable"]
   _, frozen = state_lib.split_params(init_tree, mask)
   frozen = jax.jit(lambda x: x, out_shardings=f_shard)(frozen)
-  base_shard = shardings["params"] if state_lib.is_lora_tree(init_tree) else shardings
-  dtype = _DTYPES[compute_dtype]
+  base_shard = shardings.params if isinstance(init_tree, lora_lib.LoraTree) else shardings
+  dtype = DTYPES[compute_dtype]
 
   def finish(t, f):
     p = state_lib.merge_params(t, f)
-    if state_lib.is_lora_tree(p):
-      p = lora_lib.merge(p["params"], p["lora"])
+    if isinstance(p, lora_lib.LoraTree):
+      p = lora_lib.merge(p.params, p.lora)
     return cast_floating(p, dtype)
 
   params = jax.jit(finish, out_shardings=base_shard)(trainable, frozen)

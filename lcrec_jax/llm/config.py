@@ -12,7 +12,9 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-_DTYPES = ("float32", "bfloat16", "float16", "float64")
+# Dtype names a config may give (model dtypes, `train.compute_dtype`) -> jnp dtypes.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
+          "float64": jnp.float64}
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -23,8 +25,8 @@ def _dtype_name(value: Any, field: str) -> str:
     name = jnp.dtype(value).name
   except TypeError as e:
     raise ValueError(f"LlamaConfig.{field}: unknown dtype {value!r}") from e
-  if name not in _DTYPES:
-    raise ValueError(f"LlamaConfig.{field}: dtype {name!r} not one of {_DTYPES}")
+  if name not in DTYPES:
+    raise ValueError(f"LlamaConfig.{field}: dtype {name!r} not one of {tuple(DTYPES)}")
   return name
 
 

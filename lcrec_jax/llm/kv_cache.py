@@ -27,6 +27,11 @@ gathers only the small per-beam part:
   cache = split_beam_cache(cache, num_beams, steps)
   logits, cache = model.apply(v, beam_tok[:, None], cache=cache)    # [batch * beams, 1]
   cache = reorder_beam_kv(cache, beam_parent_rows)
+
+Each decoder layer gets its slice of the cache as a typed per-layer view, `LayerKV` (k, v)
+from a `KVCache` or `BeamLayerKV` (prompt_k, prompt_v, k, v) from a `BeamKVCache`
+(`cache.layers()`, leading `[layers]` axis kept for scanned layers), and tells the two
+layouts apart with `isinstance`.
 """
 
 from __future__ import annotations
@@ -37,6 +42,34 @@ import jax
 import jax.numpy as jnp
 
 from lcrec_jax.llm.config import LlamaConfig
+
+
+class LayerKV(NamedTuple):
+  """A layer's keys and values (of `KVCache`), also what an attention layer returns.
+
+  Attributes:
+    k: keys after RoPE, `[batch, max_len, kv_heads, head_dim]` (with a leading
+      `[layers]` axis when all layers are handed to scanned layers at once).
+    v: values, same shape as `k`.
+  """
+  k: jax.Array
+  v: jax.Array
+
+
+class BeamLayerKV(NamedTuple):
+  """A layer's part of a `BeamKVCache` (with a leading `[layers]` axis when stacked).
+
+  Attributes:
+    prompt_k: prompt keys after RoPE, `[users, prompt_len, kv_heads, head_dim]`, shared by
+      the `batch // users` consecutive beam rows of each user.
+    prompt_v: prompt values, same shape as `prompt_k`.
+    k: keys of generated tokens, `[batch, steps, kv_heads, head_dim]` (per beam row).
+    v: values of generated tokens, same shape as `k`.
+  """
+  prompt_k: jax.Array
+  prompt_v: jax.Array
+  k: jax.Array
+  v: jax.Array
 
 
 class KVCache(NamedTuple):
@@ -64,6 +97,10 @@ class KVCache(NamedTuple):
   def batch(self) -> int:
     """Rows."""
     return self.k.shape[1]
+
+  def layers(self) -> LayerKV:
+    """The per-layer view of every layer, stacked: `LayerKV` with `[layers, ...]` leaves."""
+    return LayerKV(k=self.k, v=self.v)
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int,
@@ -149,6 +186,10 @@ class BeamKVCache(NamedTuple):
   def num_beams(self) -> int:
     """Beams per user."""
     return self.k.shape[1] // self.prompt_k.shape[1]
+
+  def layers(self) -> BeamLayerKV:
+    """The per-layer view of every layer, stacked: `BeamLayerKV` with `[layers, ...]` leaves."""
+    return BeamLayerKV(prompt_k=self.prompt_k, prompt_v=self.prompt_v, k=self.k, v=self.v)
 
 
 def split_beam_cache(cache: KVCache, num_beams: int, steps: int) -> BeamKVCache:

@@ -10,6 +10,12 @@ Two equivalent ways to run a model with adapters:
     the fly (cheap: no weight-sized products or gradients);
   * `Llama(cfg).apply({"params": merge(params, lora)}, tokens)`.
 
+What LoRA training trains is a `LoraTree(params=base, lora=adapters)`: a pytree node
+(jit, optax, shardings and orbax go through it) that code tells from a plain param
+tree with `isinstance`. Its leaves' paths are `params/...` and `lora/adapters/...`,
+the same names the earlier `{"params": base, "lora": adapters}` dict had, so
+checkpoints written with either load into the other.
+
 LC-Rec's LoRA variant also trains the token embeddings and the output head (the new
 index-token rows need training); `trainable_mask` marks those, and `freeze_rows`
 keeps chosen rows (e.g. the original vocabulary) fixed.
@@ -43,6 +49,18 @@ class LoraParams:
   """
   adapters: dict[str, Any]
   scale: float = struct.field(pytree_node=False, default=1.0)
+
+
+@struct.dataclass
+class LoraTree:
+  """Base params plus adapters run on the fly: the param tree of a LoRA fine-tune.
+
+  Attributes:
+    params: the base `Llama` param tree (frozen, except the rows `trainable_mask` marks).
+    lora: the `LoraParams` adapters.
+  """
+  params: Any
+  lora: LoraParams
 
 
 def _walk(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()):
@@ -180,8 +198,7 @@ def trainable_mask(tree: Any, train_embeddings_rows: bool = True,
   for every other (frozen base) leaf.
 
   Args:
-    tree: params, a `LoraParams`, or any container of them (e.g.
-      `{"params": params, "lora": lora}`).
+    tree: params, a `LoraParams`, a `LoraTree`, or any container of them.
   """
   if train_head is None:
     train_head = train_embeddings_rows

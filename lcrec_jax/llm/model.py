@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcrec_jax.llm.config import LlamaConfig
-from lcrec_jax.llm.kv_cache import BeamKVCache, KVCache
+from lcrec_jax.llm.kv_cache import BeamKVCache, BeamLayerKV, KVCache, LayerKV
 
 Array = jax.Array
 _NEG = -0.7 * float(np.finfo(np.float32).max)  # finite "minus infinity" for masks
@@ -153,14 +153,14 @@ class Attention(nn.Module):
       x: `[B, T, E]` normed hidden states.
       ctx: shared tensors: cos/sin `[B, T, D]`, allowed `[B, T, S]` bool, index `[]`,
         lora_scale `[]`; with a beam cache also prompt_allowed `[U, P]` bool.
-      layer_cache: None, (k, v) each `[B, S, KV, D]`, or a beam cache's layer
-        (prompt_k, prompt_v, k, v): prompt keys/values `[U, P, KV, D]` shared by the
-        `B // U` consecutive rows of each of U users, and per-row keys/values `[B, S, KV, D]`
-        of generated tokens (see `kv_cache.BeamKVCache`).
+      layer_cache: None, a `kv_cache.LayerKV` (k, v each `[B, S, KV, D]`), or a
+        `kv_cache.BeamLayerKV`: prompt keys/values `[U, P, KV, D]` shared by the `B // U`
+        consecutive rows of each of U users, and per-row keys/values `[B, S, KV, D]` of
+        generated tokens.
       lora: None or this module's adapters.
 
     Returns:
-      (`[B, T, E]`, new (k, v) or None).
+      (`[B, T, E]`, the new `LayerKV` (k, v with the T tokens written) or None).
     """
     cfg = self.config
     e, h, kv, d = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
@@ -180,15 +180,17 @@ class Attention(nn.Module):
     new_cache = None
     prompt_kv = None
     if layer_cache is not None:
-      if len(layer_cache) == 4:
-        pk, pv, ck, cv = layer_cache
-        prompt_kv = (pk.astype(cfg.compute_dtype), pv.astype(cfg.compute_dtype))
-      else:
-        ck, cv = layer_cache
+      if isinstance(layer_cache, BeamLayerKV):
+        prompt_kv = (layer_cache.prompt_k.astype(cfg.compute_dtype),
+                     layer_cache.prompt_v.astype(cfg.compute_dtype))
+      elif not isinstance(layer_cache, LayerKV):
+        raise TypeError(f"Attention: layer_cache must be a LayerKV or BeamLayerKV, got "
+                        f"{type(layer_cache).__name__}")
       idx = ctx["index"]
+      ck, cv = layer_cache.k, layer_cache.v
       ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, idx, 0, 0))
       cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, idx, 0, 0))
-      new_cache = (ck, cv)
+      new_cache = LayerKV(k=ck, v=cv)
       k, v = ck.astype(cfg.compute_dtype), cv.astype(cfg.compute_dtype)
 
     b, t = q.shape[:2]
@@ -388,25 +390,21 @@ class Llama(nn.Module):
     x = self.embed_tokens(tokens)
     x = _constrain(x, ("activation_batch", "activation_length", "activation_embed"))
     new_cache = None
+    stacked = None if cache is None else cache.layers()  # LayerKV | BeamLayerKV, [L, ...]
     if cfg.scan_layers:
-      layer_cache = None if cache is None else (cache.k, cache.v)
-      if beam_cache:
-        layer_cache = (cache.prompt_k, cache.prompt_v, cache.k, cache.v)
       layer_lora = None if adapters is None else adapters.get("layers")
-      x, kv = self.layers(x, ctx, layer_cache, layer_lora)
+      x, kv = self.layers(x, ctx, stacked, layer_lora)
       if cache is not None:
-        new_k, new_v = kv
+        new_k, new_v = kv.k, kv.v
     else:
       ks, vs = [], []
       for i, layer in enumerate(self.layers):
-        lc = None if cache is None else (cache.k[i], cache.v[i])
-        if beam_cache:
-          lc = (cache.prompt_k[i], cache.prompt_v[i], cache.k[i], cache.v[i])
+        lc = None if stacked is None else jax.tree.map(lambda a, i=i: a[i], stacked)
         ll = None if adapters is None else adapters.get(f"layers_{i}")
         x, kv = layer(x, ctx, lc, ll)
         if cache is not None:
-          ks.append(kv[0])
-          vs.append(kv[1])
+          ks.append(kv.k)
+          vs.append(kv.v)
       if cache is not None:
         new_k, new_v = jnp.stack(ks), jnp.stack(vs)
     if cache is not None:

@@ -51,7 +51,7 @@ import numpy as np
 from lcrec_jax import progress
 from lcrec_jax.tasks.builders import Example
 
-IGNORE_INDEX = -100
+IGNORE = -100  # label of a position with no loss (prompt, padding); train.step reads it
 PROMPT_HEAD = ("The instruction below describes a recommendation task. Answer it with a "
                "fitting response.\n\n### Instruction:\n")
 PROMPT_TAIL = "\n\n### Response:\n"
@@ -313,7 +313,7 @@ def make_batch(data: TokenizedExamples, planned: PlannedBatch, rows: slice = sli
   real = (np.arange(len(planned.indices)) < planned.num_real)[rows]
   b, t = len(idx), planned.length
   tokens = np.full((b, t), data.pad_id, np.int32)
-  labels = np.full((b, t), IGNORE_INDEX, np.int32)
+  labels = np.full((b, t), IGNORE, np.int32)
   mask = np.zeros((b, t), np.int32)
   for r, (i, is_real) in enumerate(zip(idx, real)):
     p, resp = data.prompts[int(i)], data.responses[int(i)]

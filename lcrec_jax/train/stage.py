@@ -53,7 +53,7 @@ def _valid_examples(config: ml_collections.ConfigDict, dataset: Dataset, index: 
 
 def trained_tree(config: ml_collections.ConfigDict, params, cfg):
   """``(tree, mask)`` training starts from: the params, or with ``model.lora.rank > 0``
-  ``{"params": params, "lora": adapters}`` and its trainable mask (else None).
+  ``LoraTree(params=params, lora=adapters)`` and its trainable mask (else None).
 
   The eval stage rebuilds the same tree to restore the checkpoint's trainable part.
   """
@@ -62,7 +62,7 @@ def trained_tree(config: ml_collections.ConfigDict, params, cfg):
     return params, None
   adapters = lora_lib.init_lora(jax.random.PRNGKey(config.seed + 1), params, cfg,
                                 rank=lc.rank, alpha=lc.alpha, targets=tuple(lc.targets))
-  tree = {"params": params, "lora": adapters}
+  tree = lora_lib.LoraTree(params=params, lora=adapters)
   return tree, lora_lib.trainable_mask(tree, train_embeddings_rows=lc.train_embeddings)
 
 
@@ -121,11 +121,11 @@ def run_train_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
   pi, pc = jax.process_index(), jax.process_count()
   train_params, mask = trained_tree(config, params, cfg)
   tail = None
-  is_lora = mask is not None
+  is_lora = isinstance(train_params, lora_lib.LoraTree)
   callbacks = [evaluate_lib.validation_hook(
       model, tokenizer, dataset, index, config.eval, config.tasks,
-      params_fn=(lambda s: s.params["params"]) if is_lora else (lambda s: s.params),
-      lora_fn=(lambda s: s.params["lora"]) if is_lora else None)]
+      params_fn=(lambda s: s.params.params) if is_lora else (lambda s: s.params),
+      lora_fn=(lambda s: s.params.lora) if is_lora else None)]
   result = trainer.train(
       config, workdir, model, train_params,
       lambda epoch, start: batcher.batches(seed, epoch, start, pi, pc),
@@ -142,8 +142,8 @@ def run_train_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
   # tensors.
   final = multihost_utils.process_allgather(result.state.params, tiled=True)
   lora_params = None
-  if isinstance(final, dict) and "lora" in final:
-    final, lora_params = final["params"], final["lora"]
+  if isinstance(final, lora_lib.LoraTree):
+    final, lora_params = final.params, final.lora
   if fs.is_primary():  # one writer for the shared workdir (local or gs://)
     export.export_hf(out_dir, final, cfg, lora=lora_params, tokenizer=tokenizer)
     fs.write_text(done, f"step {result.step}\n")

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from lcrec_jax.llm.lora import LoraTree
 from lcrec_jax.train import mesh as mesh_lib
 
 PyTree = Any
@@ -52,11 +53,6 @@ class TrainState:
 
 def _is_none(x: Any) -> bool:
   return x is None
-
-
-def is_lora_tree(params: Any) -> bool:
-  """True for `{"params": base, "lora": LoraParams}` (LoRA adapters run on the fly)."""
-  return isinstance(params, dict) and set(params) == {"params", "lora"}
 
 
 def split_params(params: PyTree, mask: PyTree | None) -> tuple[PyTree, PyTree]:
@@ -152,20 +148,21 @@ def full_param_shardings(boxed_params: PyTree, mesh: Mesh, rules: mesh_lib.Logic
     boxed_params: the base model's abstract params with logical partitioning boxes.
     mesh: device mesh.
     rules: logical axis rules.
-    params: the tree that will be trained when it is not the plain base tree, i.e.
-      `{"params": base, "lora": LoraParams}`; its adapters (small) are replicated.
+    params: the tree that will be trained when it is not the plain base tree, i.e. a
+      `LoraTree`; its adapters (small) are replicated.
   """
   base = mesh_lib.param_shardings(boxed_params, mesh, rules)
-  if params is not None and is_lora_tree(params):
+  if isinstance(params, LoraTree):
     rep = mesh_lib.replicated(mesh)
-    return {"params": base, "lora": jax.tree.map(lambda _: rep, params["lora"])}
+    return LoraTree(params=base, lora=jax.tree.map(lambda _: rep, params.lora))
   return base
 
 
 def _param_shapes(boxed_params: PyTree, params: PyTree | None) -> PyTree:
-  if params is not None and is_lora_tree(params):
-    return {"params": nn.unbox(boxed_params),
-            "lora": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params["lora"])}
+  if isinstance(params, LoraTree):
+    return LoraTree(params=nn.unbox(boxed_params),
+                    lora=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                      params.lora))
   return nn.unbox(boxed_params)
 
 

@@ -3,8 +3,8 @@
 Batch layout (from `lcrec_jax.tasks.batching`), all `[batch, len]`:
   tokens          int32 token ids,
   labels          int32, HF convention: `labels[b, t]` is the token expected *at*
-                  position t (usually `tokens[b, t]`), -100 where there is no loss
-                  (prompt and padding); the model's output at t-1 predicts it,
+                  position t (usually `tokens[b, t]`), `IGNORE` (-100) where there is
+                  no loss (prompt and padding); the model's output at t-1 predicts it,
   attention_mask  int32/bool, 1 for real tokens,
   positions       int32 rotary positions.
 
@@ -25,11 +25,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lcrec_jax.llm.lora import LoraTree
+from lcrec_jax.tasks.batching import IGNORE
 from lcrec_jax.train import finite
 from lcrec_jax.train import mesh as mesh_lib
-from lcrec_jax.train.state import TrainState, is_lora_tree, merge_params
+from lcrec_jax.train.state import TrainState, merge_params
 
-IGNORE = -100
 BATCH_KEYS = ("tokens", "labels", "attention_mask", "positions")
 PyTree = Any
 Batch = Mapping[str, jax.Array]
@@ -91,7 +92,7 @@ def label_loss_sums(params: PyTree, model: nn.Module, batch: Batch, max_label_to
   """Summed cross-entropy over label positions, logits only where labels are.
 
   Args:
-    params: full (unboxed) param tree, or `{"params": base, "lora": LoraParams}` to run
+    params: full (unboxed) param tree, or a `LoraTree(params=base, lora=adapters)` to run
       LoRA adapters on the fly (`lcrec_jax.llm.lora`).
     model: Linen LLaMA with `__call__(tokens, positions=, attention_mask=, return_hidden=)`
       returning `(hidden [B, T, D], cache)` and a `logits(hidden)` method.
@@ -108,8 +109,8 @@ def label_loss_sums(params: PyTree, model: nn.Module, batch: Batch, max_label_to
   _check_batch(batch)
   p = cast_floating(params, compute_dtype)
   extra = {}
-  if is_lora_tree(p):
-    p, extra = p["params"], {"lora": p["lora"]}
+  if isinstance(p, LoraTree):
+    p, extra = p.params, {"lora": p.lora}
   hidden, _ = model.apply({"params": p}, batch["tokens"], positions=batch["positions"],
                           attention_mask=batch["attention_mask"], return_hidden=True,
                           rngs=rngs or {}, **extra)
@@ -131,8 +132,8 @@ def label_loss_sums(params: PyTree, model: nn.Module, batch: Batch, max_label_to
 def full_logits_loss(params: PyTree, model: nn.Module, batch: Batch) -> jax.Array:
   """Reference mean loss computing logits at every position (for tests and debugging)."""
   extra = {}
-  if is_lora_tree(params):
-    params, extra = params["params"], {"lora": params["lora"]}
+  if isinstance(params, LoraTree):
+    params, extra = params.params, {"lora": params.lora}
   logits, _ = model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
                           attention_mask=batch["attention_mask"], **extra)
   targets = shifted_targets(batch["labels"])

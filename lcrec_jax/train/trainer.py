@@ -40,6 +40,8 @@ import numpy as np
 from lcrec_jax import fs
 from lcrec_jax import progress as progress_lib
 from lcrec_jax.errors import ConfigError
+from lcrec_jax.llm.config import DTYPES
+from lcrec_jax.llm.lora import LoraTree
 from lcrec_jax.train import checkpoint as ckpt_lib
 from lcrec_jax.train import finite as finite_lib
 from lcrec_jax.train import mesh as mesh_lib
@@ -54,8 +56,6 @@ BatchFn = Callable[[int, int], Iterable[Batch]]
 EvalCallback = Callable[[int, state_lib.TrainState], Mapping[str, float]]
 # Called after every step with the step number and its (host) metrics.
 StepHook = Callable[[int, Mapping[str, float]], None]
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass
@@ -185,7 +185,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
     model: the Linen LLaMA (`lcrec_jax.llm.model.Llama`) or any module with the same
       call signature and a `logits` method.
     params: unboxed initial params (pretrained or fresh), or for LoRA
-      `{"params": base, "lora": lcrec_jax.llm.lora.LoraParams}` (adapters applied on the
+      `lcrec_jax.llm.lora.LoraTree(params=base, lora=adapters)` (adapters applied on the
       fly; pair with `trainable_mask=lora.trainable_mask(that tree)`). On resume, the
       frozen part is taken from here and the trainable part from the checkpoint.
     batches: `batches(epoch, start_step)` -> iterable of global numpy batches.
@@ -225,9 +225,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
     raise ValueError(
         f"train.batch_size={batch_size} must be divisible by grad_accum_steps ({accum}) x "
         f"mesh data*fsdp ({batch_ways})")
-  if tc.compute_dtype not in _DTYPES:
-    raise ValueError(f"train.compute_dtype: {tc.compute_dtype!r} is not one of {list(_DTYPES)}")
-  compute_dtype = _DTYPES[tc.compute_dtype]
+  if tc.compute_dtype not in DTYPES:
+    raise ValueError(f"train.compute_dtype: {tc.compute_dtype!r} is not one of {list(DTYPES)}")
+  compute_dtype = DTYPES[tc.compute_dtype]
   max_label_tokens = int(tc.get("max_label_tokens", 0))
   on_nonfinite = str(tc.get("on_nonfinite", "stop"))
   if on_nonfinite not in ON_NONFINITE:
@@ -236,7 +236,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
 
   tx, schedule = state_lib.make_optimizer(tc, num_steps, tail=tx_tail)
   boxed = state_lib.abstract_boxed_params(model, np.zeros((1, 8), np.int32))
-  _check_params(params["params"] if state_lib.is_lora_tree(params) else params, boxed)
+  _check_params(params.params if isinstance(params, LoraTree) else params, boxed)
   shardings = state_lib.state_shardings(tx, boxed, trainable_mask, mesh, rules, params)
 
   train_dir = fs.join(workdir, "train")  # local or gs://
