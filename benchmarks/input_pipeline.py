@@ -1,6 +1,6 @@
 """Training input pipeline: in-memory batcher vs grain over array_record, quick recipe.
 
-  python benchmarks/input_pipeline.py --passes=5 --steps=300
+  python benchmarks/input_pipeline.py --passes=5 --steps=300 --step_ms=50
 
 Builds the quick recipe's training examples (``configs/ml100k_quick.py``: MovieLens-100K,
 its task mix, ``max_history``, text budget, buckets, batch size and history loss) over a
@@ -14,10 +14,13 @@ trained on them (as ``model.tokenizer = "trained"`` does), then measures in one 
 * batches/s over the first ``--steps`` batches of an epoch, median of ``--passes`` passes
   (a different epoch each pass) for: ``batcher`` (the in-memory
   :class:`lcrec_jax.tasks.batching.Batcher`), ``grain, no threads`` (read + collate in the
-  consuming thread) and ``grain, N thread(s)`` (grain's prefetching iterator).
+  consuming thread) and ``grain, N thread(s)`` (grain's prefetching iterator, default
+  read-ahead of 4 batches; the train stage uses 1 thread).
 
 Every pass also checks that grain's batches equal the batcher's bit for bit. Tokenization
-is shared by both paths and reported once.
+is shared by both paths and reported once. ``--step_ms=N`` also reports how long a consumer
+that spends N ms per batch elsewhere (sleeping, i.e. without the GIL, as a jitted step
+runs) waits for each batch: what the trainer would see of the reader.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ from lcrec_jax.train import stage  # noqa: E402
 _PASSES = flags.DEFINE_integer("passes", 5, "passes per reader (median reported)")
 _STEPS = flags.DEFINE_integer("steps", 300, "batches per pass (0 = a whole epoch)")
 _THREADS = flags.DEFINE_list("threads", ["1", "2"], "grain reader thread counts to time")
+_STEP_MS = flags.DEFINE_float(
+    "step_ms", 0.0, "> 0: also time a consumer that sleeps this long per batch (a training "
+    "step releases the GIL as sleep does) and report how long it waits for each batch")
 
 
 def _random_index(item_ids: tuple[str, ...], levels: int, size: int, seed: int = 0
@@ -65,6 +71,17 @@ def _time_pass(it, steps: int, check=None) -> float:
     if n == steps:
       break
   return n / (time.perf_counter() - t)
+
+
+def _stall_ms(it, steps: int, step_s: float) -> float:
+  """Mean ms per batch the consumer waits in ``next`` when each step takes ``step_s``."""
+  waited = 0.0
+  for _ in range(steps):
+    t = time.perf_counter()
+    next(it)
+    waited += time.perf_counter() - t
+    time.sleep(step_s)
+  return 1e3 * waited / steps
 
 
 def main(argv):
@@ -104,8 +121,8 @@ def main(argv):
                                                                 **kw)}
     print(f"open: {time.perf_counter() - t:.3f}s")
     for n in _THREADS.value:
-      readers[f"grain, {n} thread(s)"] = grain_batches.GrainBatcher(
-          builder.data_dir, num_threads=int(n), prefetch=8, **kw)
+      readers[f"grain, {n} thread(s)"] = grain_batches.GrainBatcher(  # default prefetch
+          builder.data_dir, num_threads=int(n), **kw)
     rates: dict[str, list[float]] = {"batcher": []}
     rates.update({name: [] for name in readers})
     for p in range(_PASSES.value):
@@ -124,6 +141,14 @@ def main(argv):
       med = statistics.median(r)
       print(f"{name:>20}: median {med:7.1f} batches/s ({1e3 / med:6.2f} ms/batch), "
             f"passes {', '.join(f'{x:.0f}' for x in r)}")
+    if _STEP_MS.value > 0:
+      n = min(steps, 100)
+      print(f"with a {_STEP_MS.value:.0f} ms step after each batch ({n} batches, epoch 0):")
+      its = {"batcher": lambda: batcher.batches(config.seed, 0)}
+      its.update({name: (lambda r=r: r.batches(config.seed, 0)) for name, r in readers.items()})
+      for name, make in its.items():
+        it = iter(make())
+        print(f"{name:>20}: waits {_stall_ms(it, n, _STEP_MS.value / 1e3):6.2f} ms per batch")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,13 @@ order. The plan depends only on ``(seed, epoch)`` and the examples, so a run res
 ``start_step`` sees exactly the batches an uninterrupted run would have. A bucket's last
 partial batch is filled up with copies of its examples whose labels are all ``-100``
 (no loss, no NaN from all-padding rows), or dropped with ``drop_remainder=True``.
+
+Readers. :class:`Batcher` holds the tokenized examples in memory and builds each batch
+with :func:`collate`. The train stage instead writes them once as array_record
+(:mod:`lcrec_jax.tasks.example_records`) and reads them with grain
+(:class:`lcrec_jax.tasks.grain_batches.GrainBatcher`): the same :func:`epoch_plan`, the same
+:func:`collate`, so bit-for-bit the same batches; :class:`Batcher` stays as their reference
+and for in-memory use.
 """
 
 from __future__ import annotations
