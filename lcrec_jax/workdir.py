@@ -5,7 +5,8 @@ Layout (the one place that knows it; local or ``gs://``)::
   <workdir>/config.json            the resolved config of the last run
   <workdir>/cache/                 item embeddings, keyed by a content hash
   <workdir>/index/                 index stage: index.json, report.json, codes.png, DONE
-  <workdir>/train/                 train stage: checkpoints, metrics, tokenizer
+  <workdir>/train/                 train stage: checkpoints, metrics, tokenizer,
+                                   examples/ (tokenized task examples, array_record)
   <workdir>/model/                 train stage: the HF export, DONE
   <workdir>/eval/results.json      eval stage (the file is its DONE)
   <workdir>/baselines/results.json baseline stage (the file is its DONE)
@@ -118,6 +119,23 @@ def index_dir(workdir: str) -> str:
 def train_dir(workdir: str) -> str:
   """Checkpoints, metrics and the trained tokenizer of the train stage."""
   return fs.join(workdir, "train")
+
+
+def examples_dir(workdir: str, process_index: int = 0) -> str:
+  """Local directory for the train stage's tokenized examples (array_record, read by grain).
+
+  ``<workdir>/train/examples`` for a local workdir (one copy, written by process 0: a
+  local workdir shared by several processes is a shared filesystem). array_record needs
+  local files, so for a remote (``gs://``) workdir every process writes its own copy into
+  a local cache, ``$TMPDIR/lcrec-examples/<hash of the workdir>/p<process_index>``
+  (reused by a resumed run on the same machine; the dataset inside is keyed by a hash of
+  its content).
+  """
+  if not fs.is_remote(workdir):
+    return os.path.join(os.fspath(workdir), "train", "examples")
+  import tempfile  # pylint: disable=g-import-not-at-top
+  key = hashlib.sha256(os.fspath(workdir).rstrip("/").encode()).hexdigest()[:16]
+  return os.path.join(tempfile.gettempdir(), "lcrec-examples", key, f"p{int(process_index)}")
 
 
 def model_dir(workdir: str) -> str:

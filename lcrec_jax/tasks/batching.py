@@ -36,6 +36,13 @@ order. The plan depends only on ``(seed, epoch)`` and the examples, so a run res
 ``start_step`` sees exactly the batches an uninterrupted run would have. A bucket's last
 partial batch is filled up with copies of its examples whose labels are all ``-100``
 (no loss, no NaN from all-padding rows), or dropped with ``drop_remainder=True``.
+
+Readers. :class:`Batcher` holds the tokenized examples in memory and builds each batch
+with :func:`collate`. The train stage instead writes them once as array_record
+(:mod:`lcrec_jax.tasks.example_records`) and reads them with grain
+(:class:`lcrec_jax.tasks.grain_batches.GrainBatcher`): the same :func:`epoch_plan`, the same
+:func:`collate`, so bit-for-bit the same batches; :class:`Batcher` stays as their reference
+and for in-memory use.
 """
 
 from __future__ import annotations
@@ -298,36 +305,75 @@ def epoch_plan(bucket: np.ndarray, batch_size: int, seed: int, epoch: int,
   return [planned[int(i)] for i in order]
 
 
-def make_batch(data: TokenizedExamples, planned: PlannedBatch, rows: slice = slice(None),
-               prompt_label_ids: np.ndarray | None = None,
-               prompt_label_tasks: Sequence[str] = ()) -> dict[str, np.ndarray]:
-  """Arrays of one planned batch (``rows`` selects a host's share).
+def collate(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray],
+            label_prompt: Sequence[bool], real: Sequence[bool], length: int, pad_id: int,
+            prompt_label_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """Pad ``B`` examples into one batch of length ``T = length``.
 
-  ``prompt_label_ids`` / ``prompt_label_tasks``: the history loss (module docstring).
+  Args:
+    prompts, responses: per row, ``[p]`` prompt ids and ``[r]`` response ids (+ EOS).
+    label_prompt: per row, whether its prompt's ``prompt_label_ids`` tokens are labels
+      (the history loss, module docstring).
+    real: per row, False for a filler row (labels all ``-100``).
+    length: ``T``; pad_id: padding token id.
 
   Returns:
     ``tokens``, ``labels`` (-100 = no loss), ``attention_mask`` (1 = real token) and
-    ``positions``, each ``[B, T]`` int32 with ``T = planned.length``.
+    ``positions``, each ``[B, T]`` int32.
   """
-  idx = planned.indices[rows]
-  real = (np.arange(len(planned.indices)) < planned.num_real)[rows]
-  b, t = len(idx), planned.length
-  tokens = np.full((b, t), data.pad_id, np.int32)
+  b, t = len(prompts), length
+  tokens = np.full((b, t), pad_id, np.int32)
   labels = np.full((b, t), IGNORE, np.int32)
   mask = np.zeros((b, t), np.int32)
-  for r, (i, is_real) in enumerate(zip(idx, real)):
-    p, resp = data.prompts[int(i)], data.responses[int(i)]
+  for r, (p, resp) in enumerate(zip(prompts, responses)):
     n = len(p) + len(resp)
     tokens[r, :len(p)] = p
     tokens[r, len(p):n] = resp
     mask[r, :n] = 1
-    if is_real:
+    if real[r]:
       labels[r, len(p):n] = resp
-      if prompt_label_ids is not None and data.tasks[int(i)] in prompt_label_tasks:
+      if prompt_label_ids is not None and label_prompt[r]:
         keep = np.isin(p, prompt_label_ids)
         labels[r, :len(p)][keep] = p[keep]
   positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()
   return {"tokens": tokens, "labels": labels, "attention_mask": mask, "positions": positions}
+
+
+def make_batch(data: TokenizedExamples, planned: PlannedBatch, rows: slice = slice(None),
+               prompt_label_ids: np.ndarray | None = None,
+               prompt_label_tasks: Sequence[str] = ()) -> dict[str, np.ndarray]:
+  """Arrays of one planned batch (``rows`` selects a host's share), see :func:`collate`.
+
+  ``prompt_label_ids`` / ``prompt_label_tasks``: the history loss (module docstring).
+  """
+  idx = [int(i) for i in planned.indices[rows]]
+  real = (np.arange(len(planned.indices)) < planned.num_real)[rows]
+  return collate([data.prompts[i] for i in idx], [data.responses[i] for i in idx],
+                 [data.tasks[i] in prompt_label_tasks for i in idx], real, planned.length,
+                 data.pad_id, prompt_label_ids)
+
+
+def count_steps(bucket: np.ndarray, batch_size: int, drop_remainder: bool = False) -> int:
+  """Batches per epoch of :func:`epoch_plan` (the same for every seed and epoch)."""
+  counts = [int(np.sum(bucket == b)) for b in np.unique(bucket)]
+  return int(sum((c // batch_size) if drop_remainder else -(-c // batch_size)
+                 for c in counts))
+
+
+def check_start(start_step: int, steps: int) -> None:
+  """Raises ValueError unless ``0 <= start_step <= steps``."""
+  if not 0 <= start_step <= steps:
+    raise ValueError(f"start_step {start_step} outside 0..{steps}")
+
+
+def process_rows(batch_size: int, process_index: int, process_count: int) -> slice:
+  """Rows ``[p * B / P, (p + 1) * B / P)`` of a global batch that process ``p`` of ``P``
+  feeds (for ``jax.make_array_from_process_local_data``)."""
+  if batch_size % process_count or not 0 <= process_index < process_count:
+    raise ValueError(f"batch_size {batch_size} must split evenly over "
+                     f"{process_count} processes (index {process_index})")
+  per = batch_size // process_count
+  return slice(process_index * per, (process_index + 1) * per)
 
 
 class Batcher:
@@ -367,10 +413,7 @@ class Batcher:
       raise ValueError("no examples to batch")
     self.batch_size = int(batch_size)
     self.drop_remainder = drop_remainder
-    counts = [int(np.sum(self.data.bucket == b)) for b in np.unique(self.data.bucket)]
-    per = [(c // self.batch_size) if drop_remainder else -(-c // self.batch_size)
-           for c in counts]
-    self._steps = int(sum(per))
+    self._steps = count_steps(self.data.bucket, self.batch_size, drop_remainder)
 
   @property
   def steps_per_epoch(self) -> int:
@@ -392,13 +435,8 @@ class Batcher:
     Each process gets rows ``[process_index * B / process_count, ...)`` of every global
     batch, for ``jax.make_array_from_process_local_data``.
     """
-    if not 0 <= start_step <= self._steps:
-      raise ValueError(f"start_step {start_step} outside 0..{self._steps}")
-    if self.batch_size % process_count or not 0 <= process_index < process_count:
-      raise ValueError(f"batch_size {self.batch_size} must split evenly over "
-                       f"{process_count} processes (index {process_index})")
-    per = self.batch_size // process_count
-    rows = slice(process_index * per, (process_index + 1) * per)
+    check_start(start_step, self._steps)
+    rows = process_rows(self.batch_size, process_index, process_count)
     plan = self.plan(seed, epoch)[start_step:]
     return (make_batch(self.data, planned, rows, self.prompt_label_ids,
                        self.prompt_label_tasks) for planned in plan)

@@ -3,8 +3,11 @@
 Reads ``<workdir>/index/`` (the conflict-free codes), builds the task examples, the
 tokenizer with the code tokens (the model's own, or for ``model.tokenizer = "trained"`` a
 BPE learned from those examples and kept in ``<workdir>/train/tokenizer/``) and the model
-(``lcrec_jax.llm.build``), static-shape batches (``lcrec_jax.tasks``; with
-``tasks.history_loss_tasks`` the history codes are labels too), and runs the sharded, resumable trainer
+(``lcrec_jax.llm.build``), tokenizes the examples once and writes them as array_record
+under ``<workdir>/train/examples/`` (``lcrec_jax.tasks.example_records``; reused on
+resume), reads static-shape batches from them with grain
+(``lcrec_jax.tasks.grain_batches``; with ``tasks.history_loss_tasks`` the history codes
+are labels too), and runs the sharded, resumable trainer
 (``lcrec_jax.train.trainer``: checkpoints under ``<workdir>/train/``). At the end the
 model (LoRA merged) is exported as an HF directory ``<workdir>/model/`` with the
 tokenizer, then ``<workdir>/model/DONE`` is written. With ``DONE`` present the stage is
@@ -21,12 +24,13 @@ from jax.experimental import multihost_utils
 from absl import logging
 
 from lcrec_jax import fs
+from lcrec_jax import workdir as workdir_lib
 from lcrec_jax.data.dataset import Dataset
 from lcrec_jax.eval import evaluate as evaluate_lib
 from lcrec_jax.index.item_index import ItemIndex
 from lcrec_jax.llm import build, export
 from lcrec_jax.llm import lora as lora_lib
-from lcrec_jax.tasks import batching, builders, text_budget
+from lcrec_jax.tasks import batching, builders, example_records, grain_batches, text_budget
 from lcrec_jax.train import trainer
 
 
@@ -49,6 +53,22 @@ def _valid_examples(config: ml_collections.ConfigDict, dataset: Dataset, index: 
   ex = builders.seqrec_eval_examples(dataset, index, "valid", 0, config.tasks.max_history)
   n = int(config.train.get("valid_users", 0) or 0)
   return ex[:n] if n > 0 else ex
+
+
+def _write_examples(workdir: str, tokenized: dict[str, batching.TokenizedExamples]) -> str:
+  """Writes the tokenized examples once as array_record (reused when unchanged, e.g. on
+  resume); returns the prepared dataset directory every process reads with grain."""
+  t = time.perf_counter()
+  local = workdir_lib.examples_dir(workdir, jax.process_index())
+  if fs.is_remote(workdir) or fs.is_primary():  # remote: a local copy per process
+    data_dir = example_records.write_examples(tokenized, local).data_dir
+  else:
+    data_dir = example_records.LcrecExamples(tokenized, data_dir=local).data_dir
+  if not fs.is_remote(workdir):
+    fs.barrier("train_examples_written")
+  logging.info("tasks: tokenized examples in %s (%.1fs to write or reuse)", data_dir,
+               time.perf_counter() - t)
+  return data_dir
 
 
 def trained_tree(config: ml_collections.ConfigDict, params, cfg):
@@ -107,13 +127,18 @@ def run_train_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
                mc.get("tokenizer", "base"))
 
   code_ids = tokenizer.code_token_ids(index).ravel() if history_tasks else None
-  batcher = batching.Batcher(examples, tokenizer, batch_size=config.train.batch_size,
-                             buckets=config.tasks.buckets, add_bos=config.tasks.add_bos,
-                             show_progress=True, prompt_label_ids=code_ids,
-                             prompt_label_tasks=history_tasks)
-  valid = batching.Batcher(_valid_examples(config, dataset, index), tokenizer,
-                           batch_size=config.train.batch_size, buckets=config.tasks.buckets,
-                           add_bos=config.tasks.add_bos)
+  tokenized = {
+      "train": batching.tokenize_examples(examples, tokenizer, config.tasks.buckets,
+                                          add_bos=config.tasks.add_bos, show_progress=True),
+      "validation": batching.tokenize_examples(_valid_examples(config, dataset, index),
+                                               tokenizer, config.tasks.buckets,
+                                               add_bos=config.tasks.add_bos)}
+  records = _write_examples(workdir, tokenized)
+  batcher = grain_batches.GrainBatcher(records, "train", batch_size=config.train.batch_size,
+                                       prompt_label_ids=code_ids,
+                                       prompt_label_tasks=history_tasks)
+  valid = grain_batches.GrainBatcher(records, "validation",
+                                     batch_size=config.train.batch_size)
   logging.info("tasks: %d training examples, %d steps per epoch (%.1fs to build)",
                len(examples), batcher.steps_per_epoch, time.perf_counter() - t0)
 
