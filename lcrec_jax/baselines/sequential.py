@@ -222,17 +222,13 @@ def train_and_evaluate(model: nn.Module, cfg: Any, dataset: Dataset, *, name: st
   tx = optax.adam(cfg.lr)
 
   @jax.jit
-  def step(params, opt_state, x, y, rng):
+  def train_step(state, xy):
+    (params, opt_state, key), (x, y) = state, xy
+    key, rng = jax.random.split(key)
     loss, grads = jax.value_and_grad(
         lambda p: loss_fn(model, p, x, y, train=True, rng=rng))(params)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  def train_step(state, batch: tuple[int, np.ndarray]):
-    (params, opt_state, key), (b, idx) = state, batch
-    key, sub = jax.random.split(key)
-    params, opt_state, loss = step(params, opt_state, *make_batch(inputs, targets, idx, b), sub)
-    return (params, opt_state, key), {"loss": loss}
+    return (optax.apply_updates(params, updates), opt_state, key), {"loss": loss}
 
   @jax.jit
   def last_scores_jit(params, x):
@@ -263,14 +259,14 @@ def train_and_evaluate(model: nn.Module, cfg: Any, dataset: Dataset, *, name: st
 
   prog = Progress(cfg.epochs, name, "epoch", every_s=0.0)
   loop = loop_lib.Loop(
-      train_step, lambda e, pos: epoch_batches(lengths, cfg.batch_size, buckets, rng),
+      train_step, lambda e, pos: (make_batch(inputs, targets, idx, b) for b, idx in
+                                  epoch_batches(lengths, cfg.batch_size, buckets, rng)),
       (params, tx.init(params), key), num_steps=cfg.epochs * steps_per_epoch,
       steps_per_epoch=steps_per_epoch, fetch="epoch",
       on_epoch=lambda info: prog.set_postfix(loss=info.mean("loss")),
       epoch_actions=[loop_lib.Periodic(validate, every=cfg.eval_every, at_end=True)],
       progress=prog, name=name)
   outcome = loop.run()
-  epoch = outcome.epoch + 1 if outcome.steps_run else 0
   out: dict[str, Any] = {}
   for p in PROTOCOLS:
     _, best_params, best_epoch = best[p]
@@ -279,5 +275,6 @@ def train_and_evaluate(model: nn.Module, cfg: Any, dataset: Dataset, *, name: st
     logging.info("%s (%s): best valid NDCG@10 %.4f at epoch %d, test HR@10 %.4f NDCG@10 %.4f",
                  name, p, best[p][0], best_epoch, out[p]["test"]["HR@10"],
                  out[p]["test"]["NDCG@10"])
-  out.update(history=history, epochs_run=epoch, seconds=time.perf_counter() - t0)
+  out.update(history=history, epochs_run=outcome.epoch + 1 if outcome.steps_run else 0,
+             seconds=time.perf_counter() - t0)
   return out

@@ -334,12 +334,9 @@ def _train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir
   _write_history(metrics_path, history)
 
   x_dev = jnp.asarray(x)
-  t_epoch = time.time()
 
   def batches(e: int, pos: int):
     """Item rows of epoch e + 1 (LC-Rec counts from 1), shuffled by (seed, e + 1)."""
-    nonlocal t_epoch
-    t_epoch = time.time()
     perm = np.random.default_rng([int(seed), e + 1]).permutation(n)
     for b in range(pos, steps_per_epoch):
       yield x_dev[jnp.asarray(perm[b * bs:(b + 1) * bs])]
@@ -382,7 +379,7 @@ def _train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir
                  " ".join(f"{u:.0%}" for u in row["utilization"]))
 
   def record(info: loop_lib.EpochInfo) -> None:
-    history.append({**row, "time_s": round(time.time() - t_epoch, 4)})
+    history.append({**row, "time_s": round(info.elapsed_s(), 4)})
     mfile.write(json.dumps(history[-1]) + "\n")
     mfile.flush()
 

@@ -23,7 +23,8 @@ loops and clu's periodic actions:
   before the next step is dispatched: the loop synchronises on those steps only. An
   action that returns :data:`STOP` ends the loop (early stopping);
 * preemption: `preempted(step)` is asked after every step; when it says so, the metrics
-  still pending are delivered, `on_preempt` runs (a checkpoint save) and the loop stops;
+  still pending are delivered, the actions due run, then `on_preempt` (a checkpoint save),
+  and the loop stops (at the last step it is a normal end);
 * progress: one :class:`lcrec_jax.progress.Progress` unit per step (or per epoch when
   there are epoch callbacks); the loop closes it.
 
@@ -83,15 +84,19 @@ class StepInfo:
 
 @dataclasses.dataclass
 class EpochInfo:
-  """One finished epoch: `number` = epoch + 1, its steps' infos, its wall time."""
+  """One finished epoch: `number` = epoch + 1, its steps' infos, when it started."""
   epoch: int
   step: int
   steps: list[StepInfo]
-  time_s: float
+  started: float  # time.perf_counter() before its batches were asked for
 
   @property
   def number(self) -> int:
     return self.epoch + 1
+
+  def elapsed_s(self) -> float:
+    """Seconds since the epoch started (its actions so far included)."""
+    return time.perf_counter() - self.started
 
   def mean(self, key: str, weights: Sequence[float] | None = None) -> float:
     """Mean of metric `key` over the epoch's steps (weighted: sum(w * m) / sum(w))."""
@@ -241,7 +246,7 @@ class Loop:
         if self._per_epoch and (not broke or pos >= self.steps_per_epoch
                                 or step >= self.num_steps):
           self._deliver(step)
-          e_info = EpochInfo(epoch, step, self._done, time.perf_counter() - t_epoch)
+          e_info = EpochInfo(epoch, step, self._done, t_epoch)
           self._done = []
           if self.on_epoch is not None:
             self.on_epoch(e_info)
