@@ -140,19 +140,21 @@ def test_crash_and_resume_matches_exactly(model_and_params, uninterrupted, tmp_p
 
 
 def test_sigterm_saves_and_resume_matches(model_and_params, uninterrupted, tmp_path):
-  """A SIGTERM at step 3 saves step 3 off-schedule and stops; the resume finishes the same."""
+  """A SIGTERM sent from the step-4 hook saves step 5 off-schedule and stops (the loop
+  asks about preemption after each step; step 4 had been asked already); the resume
+  finishes the same."""
   model, params = model_and_params
   _, full = uninterrupted
 
   def preempt(step, _):
-    if step == 3:
+    if step == 4:
       os.kill(os.getpid(), signal.SIGTERM)
 
   res1 = run(tmp_path, model, params, step_hook=preempt)
-  assert res1.stopped_early and res1.step == 3
+  assert res1.stopped_early and res1.step == 5
   assert signal.getsignal(signal.SIGTERM) is not None  # handler restored
   res2 = run(tmp_path, model, params)
-  assert res2.resumed_from == 3
+  assert res2.resumed_from == 5
   assert [h["loss"] for h in res1.history + res2.history] == [h["loss"] for h in full.history]
   _assert_same_params(res2.state.params, full.state.params)
 

@@ -34,8 +34,10 @@ import optax
 from absl import logging
 
 from lcrec_jax.data.dataset import Dataset, SplitExample
+from lcrec_jax.data.errors import DataError
 from lcrec_jax.eval.metrics import topk_metrics
 from lcrec_jax.progress import Progress
+from lcrec_jax.train import loop as loop_lib
 
 PROTOCOLS = ("unmasked", "masked")
 RANK_K = 20          # ranked items kept per user (metrics need 10)
@@ -211,17 +213,22 @@ def train_and_evaluate(model: nn.Module, cfg: Any, dataset: Dataset, *, name: st
   buckets = length_buckets(cfg.max_len)
   inputs, targets = training_pairs(split.train, cfg.max_len)
   lengths = np.asarray([len(s) for s in inputs])
+  steps_per_epoch = len(epoch_batches(lengths, cfg.batch_size, buckets, np.random.default_rng()))
+  if steps_per_epoch == 0:
+    raise DataError(f"dataset {dataset.name}",
+                    f"{name}: no user's training sequence has two items; nothing to train on")
   key = jax.random.PRNGKey(seed)
   params = model.init(key, np.ones((1, buckets[0]), np.int32), train=False)["params"]
   tx = optax.adam(cfg.lr)
-  opt_state = tx.init(params)
 
   @jax.jit
-  def step(params, opt_state, x, y, rng):
+  def train_step(state, xy):
+    (params, opt_state, key), (x, y) = state, xy
+    key, rng = jax.random.split(key)
     loss, grads = jax.value_and_grad(
         lambda p: loss_fn(model, p, x, y, train=True, rng=rng))(params)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return (optax.apply_updates(params, updates), opt_state, key), {"loss": loss}
 
   @jax.jit
   def last_scores_jit(params, x):
@@ -233,31 +240,33 @@ def train_and_evaluate(model: nn.Module, cfg: Any, dataset: Dataset, *, name: st
 
   rng = np.random.default_rng(seed)
   best = {p: (-1.0, params, 0) for p in PROTOCOLS}   # (valid NDCG@10, params, epoch)
-  bad, history, epoch = 0, [], 0
-  with Progress(cfg.epochs, name, "epoch", every_s=0.0) as prog:
-    for epoch in range(1, cfg.epochs + 1):
-      losses = []
-      for b, idx in epoch_batches(lengths, cfg.batch_size, buckets, rng):
-        key, sub = jax.random.split(key)
-        x, y = make_batch(inputs, targets, idx, b)
-        params, opt_state, loss = step(params, opt_state, x, y, sub)
-        losses.append(loss)
-      loss = float(np.mean(jax.device_get(losses))) if losses else float("nan")
-      if epoch % cfg.eval_every and epoch != cfg.epochs:
-        prog.update(1, loss=loss)
-        continue
-      valid = evaluate(params, split.valid)
-      history.append({"epoch": epoch, "loss": loss,
-                      **{p: valid[p] for p in PROTOCOLS}})
-      improved = False
-      for p in PROTOCOLS:
-        if valid[p]["NDCG@10"] > best[p][0]:
-          best[p], improved = (valid[p]["NDCG@10"], params, epoch), True
-      bad = 0 if improved else bad + 1
-      prog.update(1, loss=loss, ndcg10=valid["unmasked"]["NDCG@10"],
-                  ndcg10_masked=valid["masked"]["NDCG@10"])
-      if bad >= cfg.patience:
-        break
+  bad, history = 0, []
+
+  def validate(info: loop_lib.EpochInfo) -> str | None:
+    """Both protocols on the valid split; each keeps its best params; early stopping."""
+    nonlocal bad
+    params, valid = loop.state[0], evaluate(loop.state[0], split.valid)
+    history.append({"epoch": info.number, "loss": info.mean("loss"),
+                    **{p: valid[p] for p in PROTOCOLS}})
+    improved = False
+    for p in PROTOCOLS:
+      if valid[p]["NDCG@10"] > best[p][0]:
+        best[p], improved = (valid[p]["NDCG@10"], params, info.number), True
+    bad = 0 if improved else bad + 1
+    prog.set_postfix(ndcg10=valid["unmasked"]["NDCG@10"],
+                     ndcg10_masked=valid["masked"]["NDCG@10"])
+    return loop_lib.STOP if bad >= cfg.patience else None
+
+  prog = Progress(cfg.epochs, name, "epoch", every_s=0.0)
+  loop = loop_lib.Loop(
+      train_step, lambda e, pos: (make_batch(inputs, targets, idx, b) for b, idx in
+                                  epoch_batches(lengths, cfg.batch_size, buckets, rng)),
+      (params, tx.init(params), key), num_steps=cfg.epochs * steps_per_epoch,
+      steps_per_epoch=steps_per_epoch, fetch="epoch",
+      on_epoch=lambda info: prog.set_postfix(loss=info.mean("loss")),
+      epoch_actions=[loop_lib.Periodic(validate, every=cfg.eval_every, at_end=True)],
+      progress=prog, name=name)
+  outcome = loop.run()
   out: dict[str, Any] = {}
   for p in PROTOCOLS:
     _, best_params, best_epoch = best[p]
@@ -266,5 +275,6 @@ def train_and_evaluate(model: nn.Module, cfg: Any, dataset: Dataset, *, name: st
     logging.info("%s (%s): best valid NDCG@10 %.4f at epoch %d, test HR@10 %.4f NDCG@10 %.4f",
                  name, p, best[p][0], best_epoch, out[p]["test"]["HR@10"],
                  out[p]["test"]["NDCG@10"])
-  out.update(history=history, epochs_run=epoch, seconds=time.perf_counter() - t0)
+  out.update(history=history, epochs_run=outcome.epoch + 1 if outcome.steps_run else 0,
+             seconds=time.perf_counter() - t0)
   return out

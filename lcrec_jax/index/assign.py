@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcrec_jax.index import sinkhorn
 from lcrec_jax.index.item_index import ItemIndex
 
 
@@ -160,26 +161,11 @@ def argmax_codes(model: Any, variables: Any, embeddings: np.ndarray,
 def sinkhorn_log_plan(distances: np.ndarray, epsilon: float, iters: int) -> np.ndarray:
   """``[g, K]`` float64 log of LC-Rec's Sinkhorn plan for ``distances [g, K]``.
 
-  LC-Rec's iteration (``index/models/layers.py``): distances mapped affinely onto
-  ``[-1, 1]`` by the matrix's min and max, ``Q = exp(-d / epsilon)``, then ``iters``
-  rounds of (rows sum to 1, columns sum to ``g / K``), in float64. Run here in the log
-  domain, so nothing overflows or underflows at any epsilon.
+  LC-Rec's iteration (``index/models/layers.py``) in the log domain, in float64
+  (:func:`lcrec_jax.index.sinkhorn.log_sinkhorn_float64`, the twin of the float32 JAX
+  Sinkhorn used in training), so nothing overflows or underflows at any epsilon.
   """
-  d = np.asarray(distances, np.float64)
-  if d.ndim != 2:
-    raise ValueError(f"distances must be [group, codes], got shape {d.shape}")
-  if not epsilon > 0:
-    raise ValueError(f"repair Sinkhorn epsilon must be > 0, got {epsilon}")
-  g, k = d.shape
-  middle = (d.max() + d.min()) / 2
-  amplitude = d.max() - middle + 1e-5
-  log_q = -((d - middle) / amplitude) / float(epsilon)
-  log_q = log_q - _logsumexp(log_q, axis=1)
-  log_col = np.log(g / k)
-  for _ in range(int(iters)):
-    log_q = log_q - _logsumexp(log_q, axis=1)
-    log_q = log_q - _logsumexp(log_q, axis=0) + log_col
-  return log_q
+  return sinkhorn.log_sinkhorn_float64(distances, epsilon, iters)
 
 
 def sinkhorn_codes(distances: np.ndarray, epsilon: float, iters: int,
@@ -196,11 +182,6 @@ def sinkhorn_codes(distances: np.ndarray, epsilon: float, iters: int,
   best = log_q.max(axis=1, keepdims=True)
   masked = np.where(log_q >= best - tie_tol, d, np.inf)
   return np.argmin(masked, axis=1).astype(np.int32)
-
-
-def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
-  m = np.max(a, axis=axis, keepdims=True)
-  return m + np.log(np.sum(np.exp(a - m), axis=axis, keepdims=True))
 
 
 def repair_codes(codes: np.ndarray, last_distances: np.ndarray, *, rounds: int,

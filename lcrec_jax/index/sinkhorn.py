@@ -21,6 +21,9 @@ to 1 up to the convergence of the iteration. Scaling a row never changes its arg
 codes taken as ``argmax(plan, axis=1)`` agree with LC-Rec's float64 iteration except
 where a row's two best entries are within float32 rounding of each other.
 
+:func:`log_sinkhorn_float64` is the same iteration on the host in float64 (numpy), as
+LC-Rec runs it; the index repair (``assign.py``) uses it for its tie tolerance.
+
 Note: identical rows of ``distances`` give identical rows of the plan (uniform over the
 codes when all rows are equal); an argmax then puts them on the same code. Only
 near-duplicates are spread; exact duplicates need a separate tie-break.
@@ -32,6 +35,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def center_distances(distances: jax.Array) -> jax.Array:
@@ -46,11 +50,13 @@ def center_distances(distances: jax.Array) -> jax.Array:
   Returns:
     ``[B, K]`` float32 values in ``[-1, 1]``.
   """
-  d = distances.astype(jnp.float32)
-  d_max = jnp.max(d)
-  d_min = jnp.min(d)
-  middle = (d_max + d_min) / 2
-  amplitude = d_max - middle + 1e-5
+  return _center(distances.astype(jnp.float32))
+
+
+def _center(d):
+  """:func:`center_distances` in the dtype and array library of ``d`` (numpy or JAX)."""
+  middle = (d.max() + d.min()) / 2
+  amplitude = d.max() - middle + 1e-5
   return (d - middle) / amplitude
 
 
@@ -156,3 +162,31 @@ def sinkhorn(
   if not isinstance(epsilon, jax.Array) and float(epsilon) <= 0:
     raise ValueError(f"sinkhorn: epsilon must be > 0, got {epsilon}")
   return jnp.exp(log_sinkhorn(distances, epsilon, iters, center=center))
+
+
+def log_sinkhorn_float64(distances: np.ndarray, epsilon: float, iters: int) -> np.ndarray:
+  """``[g, K]`` float64 log plan of LC-Rec's Sinkhorn, on the host (numpy).
+
+  The same iteration as :func:`log_sinkhorn` (centred distances, rows to 1, then
+  ``iters`` rounds of rows to 1 and columns to ``g / K``), every round in the log domain
+  and in float64 as LC-Rec computes it: the index repair (``index/assign.py``) breaks ties
+  between a row's best codes at a 1e-9 tolerance, which float32 cannot resolve.
+  """
+  d = np.asarray(distances, np.float64)
+  if d.ndim != 2:
+    raise ValueError(f"distances must be [group, codes], got shape {d.shape}")
+  if not epsilon > 0:
+    raise ValueError(f"repair Sinkhorn epsilon must be > 0, got {epsilon}")
+  g, k = d.shape
+  log_q = -_center(d) / float(epsilon)
+  log_q = log_q - _logsumexp(log_q, axis=1)
+  log_col = np.log(g / k)
+  for _ in range(int(iters)):
+    log_q = log_q - _logsumexp(log_q, axis=1)
+    log_q = log_q - _logsumexp(log_q, axis=0) + log_col
+  return log_q
+
+
+def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
+  m = np.max(a, axis=axis, keepdims=True)
+  return m + np.log(np.sum(np.exp(a - m), axis=axis, keepdims=True))

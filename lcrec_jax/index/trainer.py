@@ -51,6 +51,7 @@ from lcrec_jax.index import rqvae
 from lcrec_jax.log_filters import quiet_orbax
 from lcrec_jax.train import checkpoint as ckpt_lib
 from lcrec_jax.train import finite
+from lcrec_jax.train import loop as loop_lib
 
 # Config fields that may change between a run and its resumption without changing the
 # result.
@@ -332,74 +333,80 @@ def _train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir
     history = []
   _write_history(metrics_path, history)
 
-  train_step = _make_train_step(model, tx)
   x_dev = jnp.asarray(x)
+
+  def batches(e: int, pos: int):
+    """Item rows of epoch e + 1 (LC-Rec counts from 1), shuffled by (seed, e + 1)."""
+    perm = np.random.default_rng([int(seed), e + 1]).permutation(n)
+    for b in range(pos, steps_per_epoch):
+      yield x_dev[jnp.asarray(perm[b * bs:(b + 1) * bs])]
+
+  row: dict[str, Any] = {}
+
+  def on_epoch(info: loop_lib.EpochInfo) -> None:  # one metrics read per epoch
+    nonlocal row
+    bad = sum(1 for s in info.steps if s.metrics["is_finite"] < 1.0)
+    if bad:
+      for m in mngrs.values():
+        m.wait_until_finished()
+      last = mngrs["latest"].latest_step()
+      where = (f"the last checkpoint (finite) is epoch {last} under {latest_dir}"
+               if last is not None else "no checkpoint was written yet")
+      raise finite.NonFiniteError(
+          f"rqvae: {bad} of {steps_per_epoch} steps of epoch {info.number} had a NaN/inf loss "
+          f"or update (not applied); training stops; {where}",
+          hint="re-run with a lower --config.rqvae.lr in a new --workdir (an RQ-VAE run "
+               "resumes only with the config it started with)")
+    sizes = [min(bs, n - (s.pos - 1) * bs) for s in info.steps]  # the last batch is short
+    row = {"epoch": info.number, "step": info.step,
+           **{k: info.mean(k, sizes) for k in info.steps[0].metrics if k != "is_finite"},
+           "lr": float(schedule(info.step - 1)), "collision_rate": None, "utilization": None}
+    bar.set_postfix(loss=row["loss"])
+
+  def evaluate(info: loop_lib.EpochInfo) -> None:  # and keep the best two checkpoints
+    row.update(evaluate_codes(model, state_variables(loop.state), x))
+    cr, loss = row["collision_rate"], row["loss"]
+    if meta["best_collision_rate"] is None or cr <= meta["best_collision_rate"]:
+      meta.update(best_collision_rate=cr, epoch=info.number)
+      _save(mngrs["best_collision"], info.number, loop.state, dict(meta))
+    if meta["best_loss"] is None or loss < meta["best_loss"]:
+      meta.update(best_loss=loss, epoch=info.number)
+      _save(mngrs["best_loss"], info.number, loop.state, dict(meta))
+    bar.set_postfix(loss=loss, collisions=cr)
+    logging.info("rqvae epoch %d/%d: loss %.5f (recon %.5f, quant %.5f), lr %.2e, "
+                 "collision rate %.4f, code usage per level %s", info.number, epochs, loss,
+                 row["recon_mse"], row["quant_loss"], row["lr"], cr,
+                 " ".join(f"{u:.0%}" for u in row["utilization"]))
+
+  def record(info: loop_lib.EpochInfo) -> None:
+    history.append({**row, "time_s": round(info.elapsed_s(), 4)})
+    mfile.write(json.dumps(history[-1]) + "\n")
+    mfile.flush()
+
+  def save_latest(info: loop_lib.EpochInfo) -> None:
+    meta["epoch"] = info.number
+    mfile.flush(force=True)  # the rows up to a checkpoint are on disk before it
+    _save(mngrs["latest"], info.number, loop.state, dict(meta))
+
   bar = progress_lib.Progress(epochs, "rqvae", "epoch", initial=start)
-  with bar, fs.AppendLog(metrics_path) as mfile:  # process 0 only; gs:// rewrites, throttled
-    for e in range(start, epochs):
-      epoch = e + 1
-      t0 = time.time()
-      perm = np.random.default_rng([int(seed), epoch]).permutation(n)
-      step_metrics, sizes = [], []
-      for b in range(steps_per_epoch):
-        idx = perm[b * bs:(b + 1) * bs]
-        state, m = train_step(state, x_dev[jnp.asarray(idx)])
-        step_metrics.append(m)
-        sizes.append(len(idx))
-      step_metrics = jax.device_get(step_metrics)  # one sync per epoch
-      bad = sum(1 for m in step_metrics if float(m["is_finite"]) < 1.0)
-      if bad:
-        for m in mngrs.values():
-          m.wait_until_finished()
-        last = mngrs["latest"].latest_step()
-        where = (f"the last checkpoint (finite) is epoch {last} under {latest_dir}"
-                 if last is not None else "no checkpoint was written yet")
-        for m in mngrs.values():
-          m.close()
-        raise finite.NonFiniteError(
-            f"rqvae: {bad} of {steps_per_epoch} steps of epoch {epoch} had a NaN/inf loss or "
-            f"update (not applied); training stops; {where}",
-            hint="re-run with a lower --config.rqvae.lr in a new --workdir (an RQ-VAE run "
-                 "resumes only with the config it started with)")
-      totals = {k: float(sum(float(m[k]) * w for m, w in zip(step_metrics, sizes))) / n
-                for k in step_metrics[0]}
-      step = int(state["step"])
-      row = {"epoch": epoch, "step": step, **totals, "lr": float(schedule(step - 1)),
-             "collision_rate": None, "utilization": None}
-      if epoch % eval_every == 0 or epoch == epochs:
-        row.update(evaluate_codes(model, state_variables(state), x))
-        cr, loss = row["collision_rate"], row["loss"]
-        if meta["best_collision_rate"] is None or cr <= meta["best_collision_rate"]:
-          meta["best_collision_rate"] = cr
-          meta["epoch"] = epoch
-          _save(mngrs["best_collision"], epoch, state, dict(meta))
-        if meta["best_loss"] is None or loss < meta["best_loss"]:
-          meta["best_loss"] = loss
-          meta["epoch"] = epoch
-          _save(mngrs["best_loss"], epoch, state, dict(meta))
-        bar.set_postfix(loss=loss, collisions=cr)
-        logging.info("rqvae epoch %d/%d: loss %.5f (recon %.5f, quant %.5f), lr %.2e, "
-                     "collision rate %.4f, code usage per level %s", epoch, epochs, loss,
-                     row["recon_mse"], row["quant_loss"], row["lr"], cr,
-                     " ".join(f"{u:.0%}" for u in row["utilization"]))
-      else:
-        bar.set_postfix(loss=row["loss"])
-      row.pop("is_finite", None)
-      row["time_s"] = round(time.time() - t0, 4)
-      history.append(row)
-      mfile.write(json.dumps(row) + "\n")
-      mfile.flush()
-      if epoch % ckpt_every == 0 or epoch == epochs:
-        meta["epoch"] = epoch
-        mfile.flush(force=True)  # the rows up to a checkpoint are on disk before it
-        _save(mngrs["latest"], epoch, state, dict(meta))
-      bar.update(1)
-  for m in mngrs.values():
-    m.wait_until_finished()
-    m.close()
+  loop = loop_lib.Loop(
+      _make_train_step(model, tx), batches, state, num_steps=epochs * steps_per_epoch,
+      steps_per_epoch=steps_per_epoch, start=loop_lib.Position(start * steps_per_epoch, start),
+      fetch="epoch", on_epoch=on_epoch, epoch_actions=[
+          loop_lib.Periodic(evaluate, every=eval_every, at_end=True),
+          loop_lib.Periodic(record, every=1),
+          loop_lib.Periodic(save_latest, every=ckpt_every, at_end=True)],
+      progress=bar, name="rqvae")
+  try:
+    with fs.AppendLog(metrics_path) as mfile:  # process 0 only; gs:// rewrites, throttled
+      loop.run()
+  finally:
+    for m in mngrs.values():
+      m.wait_until_finished()
+      m.close()
   if start >= epochs:
     logging.info("rqvae: training already complete (%d epochs)", epochs)
-  return model, state_variables(state), history
+  return model, state_variables(loop.state), history
 
 
 def load_checkpoint_variables(workdir: str, kind: str, model: rqvae.RQVAE,

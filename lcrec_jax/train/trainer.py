@@ -18,16 +18,21 @@ What is written under `<workdir>/train/`:
 
 Frozen params (trainable mask False, e.g. a LoRA base) are not checkpointed: they are
 the `params` given to `train`, which a resumed run passes again.
+
+The step loop is `lcrec_jax.train.loop.Loop`: step N's metrics are read on the host only
+after step N+1 has been dispatched (the host does not wait on the device between steps).
+Checkpoint, validation and last steps are read before their action runs, so a checkpoint
+never holds a state whose step reported a non-finite update, and a non-finite step stops
+the run (or is counted as skipped) before anything later is saved. A `step_hook` hence
+sees step N while step N+1 runs; a preemption noticed then saves at step N+1.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import math
 import os
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -44,6 +49,7 @@ from lcrec_jax.llm.config import DTYPES
 from lcrec_jax.llm.lora import LoraTree
 from lcrec_jax.train import checkpoint as ckpt_lib
 from lcrec_jax.train import finite as finite_lib
+from lcrec_jax.train import loop as loop_lib
 from lcrec_jax.train import mesh as mesh_lib
 from lcrec_jax.train import state as state_lib
 from lcrec_jax.train import step as step_lib
@@ -194,8 +200,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
     eval_batches: `() -> iterable` of validation batches for the validation loss.
     eval_callbacks: extra validation hooks (e.g. HR/NDCG by beam search), run with the
       validation loss; their metrics are logged under `valid/`.
-    step_hook: called as `step_hook(step, metrics)` after every step (progress
-      reporting, tests).
+    step_hook: called as `step_hook(step, metrics)` for every step, once its metrics
+      are read (one step late, see the module docstring; progress reporting, tests).
     mesh: use this mesh instead of building one from `config.mesh`.
     tx_tail: an optax transform appended after AdamW, e.g. `lora.freeze_rows(n)` to
       keep the original vocabulary rows fixed.
@@ -279,120 +285,114 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
 
   n_params = state_lib.count_params(params)
   layers, hidden = _model_dims(model)
-  eval_every = int(tc.get("eval_every", 0))
   log_every = max(int(tc.get("log_every", 1)), 1)
   history: list[dict[str, float]] = []
   evals: list[dict[str, float]] = []
   step = int(jax.device_get(state.step))
+  start = loop_lib.Position(step, epoch, pos)
 
   def run_evals(at_step: int) -> None:
     if eval_batches is None and not eval_callbacks:
       return
     record: dict[str, float] = {}
     if eval_batches is not None:
-      out = evaluate_loss(eval_fn, state, eval_batches(), mesh)
+      out = evaluate_loss(eval_fn, loop.state, eval_batches(), mesh)
       record.update({"valid/loss": out["loss"], "valid/label_tokens": out["label_tokens"]})
     for cb in eval_callbacks:
-      record.update({f"valid/{k}": float(v) for k, v in cb(at_step, state).items()})
+      record.update({f"valid/{k}": float(v) for k, v in cb(at_step, loop.state).items()})
     writer.write(at_step, record)
     evals.append({"step": at_step, **record})
     logging.info("train: step %d validation %s", at_step, record)
 
-  def data_position() -> dict[str, int]:
-    if pos >= steps_per_epoch:
-      return {"epoch": epoch + 1, "step_in_epoch": 0}
-    return {"epoch": epoch, "step_in_epoch": pos}
-
-  def non_finite(at_step: int, m: Mapping[str, float], why: str) -> NonFiniteLossError:
+  def non_finite(info: loop_lib.StepInfo, why: str) -> NonFiniteLossError:
     ckpt.wait()
     last = ckpt.latest_step()
+    m = info.metrics
     where = (f"the last checkpoint (finite) is step {last} under {ckpt.directory}"
              if last is not None else "no checkpoint was written yet")
     return NonFiniteLossError(
-        f"train: {why} at step {at_step} (epoch {epoch}; loss {m['loss']}, gradient norm "
-        f"{m['grad_norm']}); the update was not applied and training stops; {where}",
+        f"train: {why} at step {info.step} (epoch {info.epoch}; loss {m['loss']}, gradient "
+        f"norm {m['grad_norm']}); the update was not applied and training stops; {where}",
         hint=("re-run with a lower --config.train.lr (it resumes from that checkpoint; if it "
               f"diverges again at once, delete {train_dir} to start over), "
               if last is not None else "re-run with a lower --config.train.lr, ")
              + "check the data, or set --config.train.on_nonfinite=skip")
 
-  ckpt.install_sigterm_handler()
-  stopped_early = False
+  def train_step(state: state_lib.TrainState, batch: Batch) -> tuple[Any, dict[str, Any]]:
+    """Host batch -> sharded batch -> one jitted step (its metrics are not read here)."""
+    _check_batch(batch, batch_size, max_label_tokens, loop.step)
+    host = {k: np.asarray(batch[k]) for k in step_lib.BATCH_KEYS}
+    if accum > 1:
+      host = step_lib.split_micro_batches(host, accum)
+    dev = mesh_lib.shard_batch_from_host(host, mesh, batch_sharding,
+                                         batch_dim=1 if accum > 1 else 0, host_local=True)
+    state, m = step_fn(state, dev)
+    return state, {**m, "seq_len": host["tokens"].shape[-1]}
+
   skips_in_row = 0
+
+  def on_step(info: loop_lib.StepInfo) -> None:
+    """Step N's metrics (read one step late): non-finite policy, metrics, progress, hook."""
+    nonlocal skips_in_row
+    m = info.metrics
+    seq_len = int(m.pop("seq_len"))
+    if m["is_finite"] < 1.0:  # the step left params and optimizer state unchanged
+      why = ("the loss is not finite" if not math.isfinite(m["loss"]) else
+             "the gradients are not finite" if not math.isfinite(m["grad_norm"]) else
+             "the update made the params or optimizer state non-finite")
+      skips_in_row += 1
+      if on_nonfinite == "stop":
+        raise non_finite(info, why)
+      if skips_in_row > max_skips:
+        raise non_finite(info, f"{why} ({skips_in_row} steps in a row, more than "
+                         f"train.max_nonfinite_skips={max_skips})")
+      logging.warning("train: step %d skipped: %s (loss %s); %d in a row", info.step, why,
+                      m["loss"], skips_in_row)
+    else:
+      skips_in_row = 0
+    m["step_time_s"] = info.time_s
+    m["tokens_per_s"] = m["tokens"] / info.time_s  # global tokens (all hosts)
+    m["epoch"] = info.epoch + info.pos / steps_per_epoch
+    fpt = metrics_lib.train_flops_per_token(n_params, layers or 0, hidden or 0, seq_len)
+    util = metrics_lib.mfu(m["tokens_per_s"], fpt, tc.get("peak_flops_per_device", 0.0),
+                           jax.device_count())
+    if util is not None:
+      m["mfu"] = util
+    history.append({"step": info.step, **m})
+    if info.step % log_every == 0 or info.step == num_steps:
+      writer.write(info.step, m, prefix="train/")
+    postfix = {"loss": m["loss"], "tok/s": f"{m['tokens_per_s']:.0f}"}
+    if util is not None:
+      postfix["mfu"] = f"{util:.1%}"
+    progress.set_postfix(**postfix)
+    if step_hook is not None:
+      step_hook(info.step, m)
+
+  def save(info: loop_lib.StepInfo) -> None:
+    ckpt.save(info.step, _ckpt_tree(loop.state), info.data_position(), force=True)
+
+  def save_preempted(info: loop_lib.StepInfo) -> None:
+    save(info)
+    logging.warning("train: preemption signal at step %d: checkpoint saved, stopping",
+                    info.step)
+
+  ckpt.install_sigterm_handler()
   progress = progress_lib.Progress(num_steps, "train", "step", initial=step,
                                    every_s=float(tc.get("progress_log_s", 60.0)),
                                    enabled=is_main)
+  loop = loop_lib.Loop(
+      train_step, batches, state, num_steps=num_steps, steps_per_epoch=steps_per_epoch, start=start,
+      fetch="late", on_step=on_step,
+      step_actions=[loop_lib.Periodic(save, every=ckpt.save_every, at_end=True),
+                    loop_lib.Periodic(lambda info: run_evals(info.step),
+                                      every=int(tc.get("eval_every", 0)), at_end=True)],
+      preempted=ckpt.reached_preemption, on_preempt=save_preempted, progress=progress)
   try:
-    while step < num_steps and not stopped_early:
-      source = itertools.islice(iter(batches(epoch, pos)), steps_per_epoch - pos)
-      t_last = time.perf_counter()
-      for batch in source:
-        _check_batch(batch, batch_size, max_label_tokens, step)
-        host = {k: np.asarray(batch[k]) for k in step_lib.BATCH_KEYS}
-        if accum > 1:
-          host = step_lib.split_micro_batches(host, accum)
-        dev = mesh_lib.shard_batch_from_host(host, mesh, batch_sharding,
-                                             batch_dim=1 if accum > 1 else 0, host_local=True)
-        state, m = step_fn(state, dev)
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
-        now = time.perf_counter()
-        dt, t_last = now - t_last, now
-        step += 1
-        pos += 1
-        if m["is_finite"] < 1.0:  # the step left params and optimizer state unchanged
-          why = ("the loss is not finite" if not math.isfinite(m["loss"]) else
-                 "the gradients are not finite" if not math.isfinite(m["grad_norm"]) else
-                 "the update made the params or optimizer state non-finite")
-          skips_in_row += 1
-          if on_nonfinite == "stop":
-            raise non_finite(step, m, why)
-          if skips_in_row > max_skips:
-            raise non_finite(step, m, f"{why} ({skips_in_row} steps in a row, more than "
-                             f"train.max_nonfinite_skips={max_skips})")
-          logging.warning("train: step %d skipped: %s (loss %s); %d in a row", step, why,
-                          m["loss"], skips_in_row)
-        else:
-          skips_in_row = 0
-        m["step_time_s"] = dt
-        m["tokens_per_s"] = m["tokens"] / dt  # global tokens (all hosts)
-        m["epoch"] = epoch + pos / steps_per_epoch
-        seq_len = host["tokens"].shape[-1]
-        fpt = metrics_lib.train_flops_per_token(n_params, layers or 0, hidden or 0, seq_len)
-        util = metrics_lib.mfu(m["tokens_per_s"], fpt, tc.get("peak_flops_per_device", 0.0),
-                               jax.device_count())
-        if util is not None:
-          m["mfu"] = util
-        history.append({"step": step, **m})
-        if step % log_every == 0 or step == num_steps:
-          writer.write(step, m, prefix="train/")
-        postfix = {"loss": m["loss"], "tok/s": f"{m['tokens_per_s']:.0f}"}
-        if util is not None:
-          postfix["mfu"] = f"{util:.1%}"
-        progress.update(1, **postfix)
-        if step_hook is not None:
-          step_hook(step, m)
-
-        if eval_every > 0 and step % eval_every == 0 and step < num_steps:
-          run_evals(step)
-        preempted = ckpt.reached_preemption(step)
-        if step >= num_steps or preempted:
-          ckpt.save(step, _ckpt_tree(state), data_position(), force=True)
-          if preempted and step < num_steps:
-            logging.warning("train: preemption signal at step %d: checkpoint saved, stopping",
-                            step)
-            stopped_early = True
-          break
-        ckpt.save(step, _ckpt_tree(state), data_position())
-      else:
-        if pos == 0:
-          raise ValueError(f"train: batches({epoch}, 0) yielded no batch")
-      if not stopped_early and step < num_steps:
-        epoch, pos = epoch + 1, 0
-    if not stopped_early:
+    outcome = loop.run()
+    if outcome.steps_run == 0:  # resumed at the end: the final validation only
       run_evals(step)
-  finally:
-    progress.close()
+  finally:  # the loop closed the progress report
     ckpt.close()
     writer.close()
-  return TrainResult(state=state, step=step, history=history, evals=evals,
-                     stopped_early=stopped_early, resumed_from=resumed_from)
+  return TrainResult(state=loop.state, step=loop.step, history=history, evals=evals,
+                     stopped_early=outcome.reason == "preempted", resumed_from=resumed_from)
