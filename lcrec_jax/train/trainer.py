@@ -53,7 +53,7 @@ from lcrec_jax.train import loop as loop_lib
 from lcrec_jax.train import mesh as mesh_lib
 from lcrec_jax.train import state as state_lib
 from lcrec_jax.train import step as step_lib
-from lcrec_jax.train import summaries as metrics_lib
+from lcrec_jax.train import summaries
 
 PyTree = Any
 Batch = Mapping[str, np.ndarray]
@@ -264,7 +264,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
                                  frozen=frozen, opt_state=restored["opt_state"],
                                  rng=restored["rng"])
     epoch, pos = int(data["epoch"]), int(data["step_in_epoch"])
-  writer = metrics_lib.MetricsWriter(train_dir, enabled=is_main,
+  writer = summaries.MetricsWriter(train_dir, enabled=is_main,
                                      tensorboard=tc.get("tensorboard", True),
                                      drop_after_step=resumed_from or 0)
   if resumed_from is not None:
@@ -353,8 +353,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
     m["step_time_s"] = info.time_s
     m["tokens_per_s"] = m["tokens"] / info.time_s  # global tokens (all hosts)
     m["epoch"] = info.epoch + info.pos / steps_per_epoch
-    fpt = metrics_lib.train_flops_per_token(n_params, layers or 0, hidden or 0, seq_len)
-    util = metrics_lib.mfu(m["tokens_per_s"], fpt, tc.get("peak_flops_per_device", 0.0),
+    fpt = summaries.train_flops_per_token(n_params, layers or 0, hidden or 0, seq_len)
+    util = summaries.mfu(m["tokens_per_s"], fpt, tc.get("peak_flops_per_device", 0.0),
                            jax.device_count())
     if util is not None:
       m["mfu"] = util
