@@ -58,7 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.index.repair_sk_epsilon = 0.005
   # parameters that assign the codes: best_collision (LC-Rec) | best_loss | final
   c.index.checkpoint = "best_collision"
-  # where the item codes come from: rqvae (train one, above) | file (an LC-Rec X.index.json)
+  # where the item codes come from: rqvae (train one, above) | rqkmeans (residual k-means
+  # of the embeddings, sized by the rqvae keys, Sinkhorn-balanced on levels with
+  # sk_epsilons > 0) | file (an LC-Rec X.index.json)
   c.index.source = "rqvae"
   c.index.path = ""               # for source = file: the LC-Rec index json (local path)
   # for source = file: codes per level (a larger code is an error); 0 = max code + 1

@@ -112,7 +112,9 @@ KEYS: tuple[Key, ...] = (
     Key("rqvae.dropout", 0.0, float, check=_in(0.0, 1.0)),
     Key("rqvae.batch_norm", False, bool),
     Key("rqvae.beta", 0.25, float, check=_NONNEG),
-    Key("rqvae.sk_epsilons", (0.0, 0.0, 0.0, 0.003), tuple, check=_each(_NONNEG)),
+    Key("rqvae.sk_epsilons", (0.0, 0.0, 0.0, 0.003), tuple, check=_each(_NONNEG),
+        doc="Sinkhorn epsilon per level (RQ-VAE training; index.source=rqkmeans: the "
+            "assignment), 0 = nearest code"),
     Key("rqvae.sk_iters", 50, int, check=_POS),
     Key("rqvae.kmeans_init", True, bool),
     Key("rqvae.kmeans_iters", 100, int, check=_POS),
@@ -129,8 +131,10 @@ KEYS: tuple[Key, ...] = (
     Key("index.repair_rounds", 20, int, check=_NONNEG),
     Key("index.repair_sk_epsilon", 0.005, float, check=_POS),
     Key("index.checkpoint", "best_collision", str, ("best_collision", "best_loss", "final")),
-    Key("index.source", "rqvae", str, ("rqvae", "file"),
-        doc="item codes from a trained RQ-VAE, or from an LC-Rec X.index.json (index.path)"),
+    Key("index.source", "rqvae", str, ("rqvae", "rqkmeans", "file"),
+        doc="item codes from a trained RQ-VAE, from residual k-means of the embeddings "
+            "(sizes, Lloyd rounds and per-level Sinkhorn balance from the rqvae keys), or "
+            "from an LC-Rec X.index.json (index.path)"),
     Key("index.path", "", str, doc="index.source = file: the LC-Rec index json"),
     Key("index.level_size", 0, int, check=_NONNEG,
         doc="index.source = file: codes per level; 0 = max code + 1"),

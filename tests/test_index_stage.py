@@ -98,6 +98,7 @@ def test_level_usage_matches_definitions():
   p0 = np.array([2, 1, 1]) / 4
   assert u["perplexity"][0] == pytest.approx(np.exp(-(p0 * np.log(p0)).sum()))
   assert u["max_items_per_level_code"] == [2, 3]
+  assert u["codes_used"] == [3, 2] and u["distinct_prefixes"] == [3, 4]
   u = report_lib.level_usage(np.arange(8)[:, None], [8])
   assert u["perplexity"] == [pytest.approx(8.0)] and u["utilization"] == [1.0]
 
@@ -153,3 +154,26 @@ def test_stage_writes_index_report_plot_and_skips_when_done(tmp_path, monkeypatc
   # assignment is deterministic, so the codes are the same.
   forced = stage.run_index_stage(c, wd, ds, x, force=True)
   np.testing.assert_array_equal(forced.codes, index.codes)
+
+
+def test_rqkmeans_source_writes_a_conflict_free_index(tmp_path, monkeypatch):
+  c = _config()
+  c.index.source = "rqkmeans"
+  c.rqvae.sk_epsilons = (0.003, 0.003)
+
+  def _fail(*a, **k):
+    raise AssertionError("RQ-VAE trained for index.source='rqkmeans'")
+
+  monkeypatch.setattr(trainer, "train_rqvae", _fail)
+  ds = _dataset()
+  index = stage.run_index_stage(c, str(tmp_path), ds, _embeddings())
+  assert index.is_conflict_free() and index.num_items == N
+  assert index.item_ids == tuple(it.item_id for it in ds.items)
+  with open(stage.index_paths(str(tmp_path))["report"]) as f:
+    rep = json.load(f)
+  assert rep["source"] == "rqkmeans" and rep["collision_rate_after"] == 0.0
+  assert rep["codes_used"][0] == 8  # balanced first level: every code (120 items, 8 codes)
+  assert rep["distinct_prefixes"][-1] == N and "checkpoint" not in rep
+  assert not os.path.exists(os.path.join(str(tmp_path), "index", "checkpoints"))
+  again = stage.run_index_stage(c, str(tmp_path), ds, _embeddings(), force=True)
+  np.testing.assert_array_equal(again.codes, index.codes)  # deterministic

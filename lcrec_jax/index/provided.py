@@ -121,6 +121,7 @@ def provided_index(path: str, dataset: Dataset, level_size: int = 0
       "colliding_items_before": int(sum(len(g) for g in assign.collision_groups(codes))),
       **usage,
       "utilization_argmax": before["utilization"],
+      "codes_used_argmax": before["codes_used"],
       "perplexity_argmax": before["perplexity"],
       "max_items_per_code": assign.max_items_per_code(codes),
       "max_items_per_code_argmax": assign.max_items_per_code(codes),

@@ -1,9 +1,11 @@
 """The index stage's report: ``report.json`` (code statistics) and ``codes.png`` (plots).
 
 Collision rates are LC-Rec's: ``(num_items - number of distinct codes) / num_items``.
-Utilization of a level is the fraction of its codes used by at least one item;
-perplexity is ``exp`` of the entropy of the level's code usage (``K`` when all ``K``
-codes are used equally, 1 when one code takes every item).
+Utilization of a level is the fraction of its codes used by at least one item
+(``codes_used`` the count); perplexity is ``exp`` of the entropy of the level's code usage
+(``K`` when all ``K`` codes are used equally, 1 when one code takes every item).
+``distinct_prefixes[l]`` counts the distinct code prefixes of length ``l + 1`` (the nodes
+at depth ``l + 1`` of the decoding trie; the last one is ``num_items`` once conflict-free).
 """
 
 from __future__ import annotations
@@ -24,17 +26,21 @@ def level_usage(codes: np.ndarray, level_sizes: Sequence[int]) -> dict[str, list
   """Per-level code usage of ``codes [N, L]``.
 
   Returns:
-    ``{"utilization": [L], "perplexity": [L], "max_items_per_level_code": [L]}``.
+    ``{"utilization": [L], "codes_used": [L], "perplexity": [L],
+    "max_items_per_level_code": [L], "distinct_prefixes": [L]}``.
   """
   codes = np.asarray(codes)
-  util, ppl, mx = [], [], []
+  util, used, ppl, mx, prefixes = [], [], [], [], []
   for l, k in enumerate(level_sizes):
     counts = np.bincount(codes[:, l], minlength=int(k)).astype(np.float64)
-    util.append(float(np.count_nonzero(counts)) / int(k))
+    used.append(int(np.count_nonzero(counts)))
+    util.append(float(used[-1]) / int(k))
+    prefixes.append(int(np.unique(codes[:, :l + 1], axis=0).shape[0]) if len(codes) else 0)
     p = counts[counts > 0] / counts.sum()
     ppl.append(float(np.exp(-np.sum(p * np.log(p)))))
     mx.append(int(counts.max()))
-  return {"utilization": util, "perplexity": ppl, "max_items_per_level_code": mx}
+  return {"utilization": util, "codes_used": used, "perplexity": ppl,
+          "max_items_per_level_code": mx, "distinct_prefixes": prefixes}
 
 
 def build_report(index: ItemIndex, stats: assign.AssignStats, encoded: assign.EncodedItems,
@@ -65,9 +71,12 @@ def build_report(index: ItemIndex, stats: assign.AssignStats, encoded: assign.En
       "collision_rate_after": stats.collision_rate_after,
       "colliding_items_before": stats.colliding_items_before,
       "utilization": final["utilization"],
+      "codes_used": final["codes_used"],
       "perplexity": final["perplexity"],
       "max_items_per_level_code": final["max_items_per_level_code"],
+      "distinct_prefixes": final["distinct_prefixes"],
       "utilization_argmax": before["utilization"],
+      "codes_used_argmax": before["codes_used"],
       "perplexity_argmax": before["perplexity"],
       "max_items_per_code": stats.max_items_per_code_after_repair,
       "max_items_per_code_argmax": stats.max_items_per_code_before,

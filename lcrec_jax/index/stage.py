@@ -14,7 +14,9 @@ later epoch), ``"best_loss"``, or ``"final"``.
 With ``c.index.source = "file"`` no RQ-VAE is trained: the codes come from LC-Rec's
 ``X.index.json`` at ``c.index.path``, checked against the dataset and made unique
 (:mod:`lcrec_jax.index.provided`), and the same ``index.json``, ``report.json``,
-``codes.png`` and ``DONE`` are written.
+``codes.png`` and ``DONE`` are written. With ``c.index.source = "rqkmeans"`` the codes are
+residual k-means of the embeddings (:mod:`lcrec_jax.index.rqkmeans`, balanced by Sinkhorn
+on levels with ``rqvae.sk_epsilons > 0``), repaired like an RQ-VAE's; no checkpoints.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from lcrec_jax.errors import ConfigError
 from lcrec_jax.index import assign
 from lcrec_jax.index import provided
 from lcrec_jax.index import report as report_lib
+from lcrec_jax.index import rqkmeans
 from lcrec_jax.index import trainer
 from lcrec_jax.index.item_index import ItemIndex
 
@@ -85,14 +88,16 @@ def run_index_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
   fs.remove(paths["done"])  # process 0 only, like every write below
   if config.index.source == "file":
     return _run_provided(config, paths, dataset)
-  if config.index.source != "rqvae":
-    raise ConfigError(f"config index.source must be 'rqvae' or 'file', got "
+  if config.index.source not in ("rqvae", "rqkmeans"):
+    raise ConfigError(f"config index.source must be 'rqvae', 'rqkmeans' or 'file', got "
                       f"{config.index.source!r}")
 
   x = np.asarray(embeddings, np.float32)
   if x.ndim != 2 or x.shape[0] != dataset.num_items:
     raise ValueError(f"embeddings have shape {x.shape}, expected [{dataset.num_items}, dim] "
                      f"for dataset {dataset.name!r}")
+  if config.index.source == "rqkmeans":
+    return _run_rqkmeans(config, paths, dataset, x)
   which = str(config.index.get("checkpoint", "best_collision"))
   if which not in CHECKPOINT_CHOICES:
     raise ValueError(f"index.checkpoint must be one of {CHECKPOINT_CHOICES}, got {which!r}")
@@ -128,6 +133,12 @@ def run_index_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
   }
   rep = report_lib.build_report(index, stats, encoded,
                                 codebook_size=int(config.rqvae.codebook_size), extra=extra)
+  _write(paths, index, rep, history)
+  return index
+
+
+def _write(paths: dict[str, str], index: ItemIndex, rep: dict, history: list[dict]) -> None:
+  """``index.json``, ``report.json``, ``codes.png``, then ``DONE``; logs the summary."""
   index.save(paths["index"])
   report_lib.write_json_atomic(paths["report"], rep)
   report_lib.plot_codes(paths["plot"], history, index.codes, index.level_sizes)
@@ -135,6 +146,35 @@ def run_index_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
                                                "time": time.strftime("%Y-%m-%d %H:%M:%S")})
   fs.barrier("index_stage_written")  # later stages may read what process 0 wrote
   _log_summary(rep, paths["dir"])
+
+
+def _run_rqkmeans(config: ml_collections.ConfigDict, paths: dict[str, str],
+                  dataset: Dataset, x: np.ndarray) -> ItemIndex:
+  """``index.source = "rqkmeans"``: residual k-means codes of ``x [N, D]``, repaired."""
+  r = config.rqvae
+  k = int(r.codebook_size)
+  t0 = time.time()
+  res = rqkmeans.rq_kmeans(x, num_levels=int(r.num_levels), codebook_size=k,
+                           sk_epsilons=tuple(float(e) for e in r.sk_epsilons),
+                           iters=int(r.kmeans_iters), sk_iters=int(r.sk_iters),
+                           seed=int(config.seed))
+  fit_s = time.time() - t0
+  t1 = time.time()
+  final, _, stats = assign.assign_codes(
+      res.codes, res.last_distances, rounds=int(config.index.repair_rounds),
+      sk_epsilon=float(config.index.repair_sk_epsilon), sk_iters=int(r.sk_iters))
+  level_sizes = [k] * int(r.num_levels)
+  if stats.extra_level_added:
+    level_sizes.append(stats.extra_level_size)
+  index = ItemIndex(tuple(it.item_id for it in dataset.items), final, tuple(level_sizes))
+  if not index.is_conflict_free():  # make_unique guarantees this; never ship otherwise
+    raise AssertionError(f"assignment left {index.num_collisions()} colliding items")
+  encoded = assign.EncodedItems(res.codes, x, res.last_distances, res.recon_sq_err)
+  extra = {"dataset": dataset.name, "embedding_dim": int(x.shape[1]), "source": "rqkmeans",
+           "sk_epsilons": [float(e) for e in r.sk_epsilons],
+           "seconds": {"train": round(fit_s, 2), "assign": round(time.time() - t1, 2)}}
+  rep = report_lib.build_report(index, stats, encoded, codebook_size=k, extra=extra)
+  _write(paths, index, rep, [])
   return index
 
 
@@ -164,14 +204,16 @@ def _run_provided(config: ml_collections.ConfigDict, paths: dict[str, str],
 
 def _log_summary(rep: dict, where: str) -> None:
   r = rep["repair"]
-  levels = ", ".join(f"{chr(ord('a') + l)} {u:.0%} (ppl {p:.1f})"
-                     for l, (u, p) in enumerate(zip(rep["utilization"], rep["perplexity"])))
+  levels = ", ".join(f"{chr(ord('a') + l)} {n}/{k} (ppl {p:.1f})" for l, (n, k, p) in
+                     enumerate(zip(rep["codes_used"], rep["level_sizes"], rep["perplexity"])))
+  source = (f"rqkmeans, sk_epsilons {rep['sk_epsilons']}" if rep.get("source") == "rqkmeans"
+            else f"checkpoint {rep['checkpoint']}, epoch {rep['checkpoint_epoch']}")
   logging.info(
       "index stage: %d items, levels %s; collision rate %.4f (argmax) -> %.4f (after %d "
-      "repair rounds) -> %.4f; %d items moved, %s; code usage %s; reconstruction mse "
-      "%.5f (checkpoint %s, epoch %d); outputs in %s",
+      "repair rounds) -> %.4f; %d items moved, %s; codes used %s; distinct prefixes %s; "
+      "reconstruction mse %.5f (%s); outputs in %s",
       rep["num_items"], rep["level_sizes"], rep["collision_rate_before"],
       rep["collision_rate_after_repair"], r["repair_rounds_used"], rep["collision_rate_after"],
       r["items_moved"],
       f"extra level of {r['extra_level_size']}" if r["extra_level_added"] else "no extra level",
-      levels, rep["reconstruction_mse"], rep["checkpoint"], rep["checkpoint_epoch"], where)
+      levels, rep["distinct_prefixes"], rep["reconstruction_mse"], source, where)
