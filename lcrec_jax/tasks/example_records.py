@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import os
 from typing import Any, Mapping
 
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
+from lcrec_jax.data import tfds_builder
 from lcrec_jax.tasks.batching import TokenizedExamples
 
 BUILDER_NAME = "lcrec_examples"
@@ -125,6 +125,4 @@ def write_examples(splits: Mapping[str, TokenizedExamples], data_dir: str
 
 def open_examples(directory: str) -> tfds.core.DatasetBuilder:
   """Open a prepared directory (``builder.data_dir``) without the examples."""
-  if not os.path.isfile(os.path.join(directory, "dataset_info.json")):
-    raise FileNotFoundError(f"{directory}: no prepared TFDS dataset (dataset_info.json)")
-  return tfds.builder_from_directory(directory)
+  return tfds_builder.open_splits(directory)  # any prepared builder directory opens alike
