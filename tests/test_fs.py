@@ -452,3 +452,17 @@ def test_gs_main_run_writes_config_and_copies_its_log(bucket, tmp_path):
   assert "DONE exists, loaded 1682 item codes" in log and "== stage index finished" in log
   (local_logs,) = [d for d in os.listdir(tmp_path) if d.startswith("lcrec-log-")]
   assert log_name in os.listdir(tmp_path / local_logs)  # absl wrote locally, then copied
+
+
+def test_tensorboard_tags_renamed_quietly(tmp_path, caplog):
+  """`valid/HR@10` is written as TensorBoard's legal `valid/HR_10`, without tensorboardX's
+  log line per illegal name; metrics.jsonl keeps the original name."""
+  from lcrec_jax.train import summaries
+  from tests import tb_events
+  w = summaries.MetricsWriter(str(tmp_path))
+  with caplog.at_level("INFO"):
+    w.write(1, {"valid/HR@10": 0.5})
+    w.close()
+  assert "illegal" not in caplog.text
+  assert tb_events.scalars(str(tmp_path / "tb")) == {"valid/HR_10": [(1, 0.5)]}
+  assert summaries.read_jsonl(str(tmp_path / "metrics.jsonl"))[0]["valid/HR@10"] == 0.5

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -32,6 +33,14 @@ from typing import Any
 import numpy as np
 
 from lcrec_jax import fs
+
+_TB_ILLEGAL = re.compile(r"[^-/\w\.]")
+
+
+def tb_tag(name: str) -> str:
+  """``valid/HR@10`` -> ``valid/HR_10``: the tag tensorboardX would use, renamed here so it
+  does not log a line per illegal name on every write (metrics.jsonl keeps the name)."""
+  return _TB_ILLEGAL.sub("_", name)
 
 # --- TensorBoard (tensorboardX) -----------------------------------------------------
 
@@ -124,7 +133,7 @@ class MetricsWriter:
     if self._tb is not None:
       for k, v in clean.items():
         if isinstance(v, (int, float)) and np.isfinite(v):
-          self._tb.add_scalar(k, float(v), int(step))
+          self._tb.add_scalar(tb_tag(k), float(v), int(step))
       self._tb.flush()
 
   def close(self) -> None:
