@@ -65,17 +65,18 @@ def _load_config_file(spec: str) -> Any:
   return module.get_config(arg) if arg else module.get_config()
 
 
-def _config_roots(argv: Sequence[str]) -> dict[str, Any]:
-  """Config flags (name -> loaded ConfigDict) among the defined flags."""
+def _config_roots(argv: Sequence[str], fv: flags.FlagValues | None = None) -> dict[str, Any]:
+  """Config flags (name -> loaded ConfigDict) among the flags defined on ``fv``."""
+  fv = flags.FLAGS if fv is None else fv
   out = {}
   for arg in argv:
     if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
       continue
     name = arg[2:].split("=", 1)[0].split(".", 1)[0]
-    if name in flags.FLAGS and name not in out:
+    if name in fv and name not in out:
       value = None
       try:  # the flag's value applies the overrides, so it fails on the bad one
-        value = flags.FLAGS[name].value
+        value = fv[name].value
       except Exception:  # pylint: disable=broad-except
         pass
       if value is None:  # load the config file as it is, without the overrides
@@ -89,12 +90,13 @@ def _config_roots(argv: Sequence[str]) -> dict[str, Any]:
   return out
 
 
-def unknown_config_field(argv: Sequence[str]) -> ConfigError | None:
+def unknown_config_field(argv: Sequence[str],
+                         fv: flags.FlagValues | None = None) -> ConfigError | None:
   """The error for the first ``--config.a.b=...`` naming a field the config lacks.
 
   It names the closest valid fields (difflib) and, as a hint, all fields at that level.
   """
-  roots = _config_roots(argv)
+  roots = _config_roots(argv, fv)
   for arg in argv:
     key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
     name, _, path = key.partition(".")
@@ -115,14 +117,17 @@ def unknown_config_field(argv: Sequence[str]) -> ConfigError | None:
   return None
 
 
-def parse_flags(argv: Sequence[str], prog: str) -> list[str]:
-  """absl's flag parsing, with flag and config-field errors as one line and exit 2."""
+def parse_flags(argv: Sequence[str], prog: str,
+                fv: flags.FlagValues | None = None) -> list[str]:
+  """absl's flag parsing (on ``fv``, default absl's FLAGS), with flag and config-field
+  errors as one line and exit 2."""
+  fv = flags.FLAGS if fv is None else fv
   try:
-    return flags.FLAGS(list(argv))
+    return fv(list(argv))
   except flags.Error as e:
     fail(prog, str(e), hint=f"python -m lcrec_jax.{prog} --helpshort lists the flags")
   except (AttributeError, KeyError):  # ml_collections: an override of a missing field
-    err = unknown_config_field(argv)
+    err = unknown_config_field(argv, fv)
     if err is None:
       raise
     fail(prog, str(err), err.hint)
@@ -146,6 +151,27 @@ def guarded(main: Callable[[list[str]], Any], prog: str) -> Callable[[list[str]]
 def run(main: Callable[[list[str]], Any], prog: str) -> None:
   """``absl.app.run(main)`` behind the one-line error boundary."""
   app.run(guarded(main, prog), flags_parser=functools.partial(parse_flags, prog=prog))
+
+
+def run_in_process(define_flags: Callable[[flags.FlagValues, list[str]], Any],
+                   main: Callable[[list[str]], Any], prog: str, argv: Sequence[str]) -> int:
+  """Runs a command in this process as ``python -m lcrec_jax.<prog> *argv`` would: its
+  flags defined on a fresh ``FlagValues``, parsed and checked at the same boundary as
+  :func:`run` (one line on stderr, status 2); returns the exit status.
+
+  For tests and notebooks that check a command's behaviour without paying a new
+  process (the JAX import, every compile) per call. ``define_flags`` is the entry module's
+  (``lcrec_jax.main.define_flags``), which points the module's flag holders at the fresh
+  values, so one command runs at a time per process.
+  """
+  fv, argv = flags.FlagValues(), [prog, *argv]
+  define_flags(fv, argv)
+  try:
+    rest = parse_flags(argv, prog, fv)
+    guarded(main, prog)(rest)
+  except SystemExit as e:
+    return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+  return 0
 
 
 def check_workdir(workdir: str, flag: str = "--workdir") -> None:

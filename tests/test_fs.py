@@ -412,6 +412,7 @@ for proto in ("gs", "gcs"):
   fsspec.register_implementation(proto, FakeGCS, clobber=True)
 from absl import app
 from lcrec_jax import main
+main.define_flags()
 app.run(main.main, argv=["main"] + sys.argv[2:])
 '''
 

@@ -7,7 +7,6 @@ Tiny LLaMA on 8 simulated CPU devices, mesh (2, 2, 2), 6 steps over epochs of 4 
 
 import os
 import signal
-import tempfile
 
 import flax.linen as nn
 import jax
@@ -26,10 +25,8 @@ from tests import tb_events
 
 VOCAB, B, T, STEPS_PER_EPOCH, NUM_STEPS = 256, 8, 16, 4, 6
 
-# Every `train` call jits its step anew; identical programs then come from this cache.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="lcrec_jax_cc_"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# Every `train` call jits its step anew; identical programs then come from the test run's
+# persistent compilation cache (tests/conftest.py).
 
 
 def batches(epoch: int, start_step: int):

@@ -248,14 +248,29 @@ def write(spec: SyntheticSpec, out: str, name: str) -> dict[str, str]:
   return paths
 
 
-_OUT = flags.DEFINE_string("out", None, "directory to write NAME.inter.json / NAME.item.json")
-_NAME = flags.DEFINE_string("name", "Synth", "file stem (data.name)")
-_USERS = flags.DEFINE_integer("users", 24772, "users (LC-Rec Instruments: 24,772)")
-_ITEMS = flags.DEFINE_integer("items", 9922, "items (Instruments: 9,922)")
-_INTER = flags.DEFINE_integer("interactions", 206153, "interactions (Instruments: 206,153)")
-_CHARS = flags.DEFINE_integer("text_chars", 760, "mean title + description characters")
-_GROUPS = flags.DEFINE_integer("groups", 0, "latent item groups; 0 = items // 100")
-_SEED = flags.DEFINE_integer("seed", 0, "random seed")
+_OUT = _NAME = _USERS = _ITEMS = _INTER = _CHARS = _GROUPS = _SEED = None  # set by define_flags
+
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS,
+                 argv: list[str] | None = None) -> flags.FlagValues:
+  """Defines the command's flags on ``fv``; importing the module defines none
+  (see :func:`lcrec_jax.main.define_flags`)."""
+  del argv  # no config flag
+  global _OUT, _NAME, _USERS, _ITEMS, _INTER, _CHARS, _GROUPS, _SEED  # pylint: disable=global-statement
+  _OUT = flags.DEFINE_string("out", None, "directory to write NAME.inter.json / NAME.item.json",
+                             flag_values=fv)
+  _NAME = flags.DEFINE_string("name", "Synth", "file stem (data.name)", flag_values=fv)
+  _USERS = flags.DEFINE_integer("users", 24772, "users (LC-Rec Instruments: 24,772)",
+                                flag_values=fv)
+  _ITEMS = flags.DEFINE_integer("items", 9922, "items (Instruments: 9,922)", flag_values=fv)
+  _INTER = flags.DEFINE_integer("interactions", 206153, "interactions (Instruments: 206,153)",
+                                flag_values=fv)
+  _CHARS = flags.DEFINE_integer("text_chars", 760, "mean title + description characters",
+                                flag_values=fv)
+  _GROUPS = flags.DEFINE_integer("groups", 0, "latent item groups; 0 = items // 100",
+                                 flag_values=fv)
+  _SEED = flags.DEFINE_integer("seed", 0, "random seed", flag_values=fv)
+  return fv
 
 
 def main(argv: list[str]) -> None:
@@ -272,4 +287,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
