@@ -11,6 +11,7 @@ import pytest
 
 from lcrec_jax import cli
 from lcrec_jax.errors import WorkdirError
+from tests import entry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = "configs/ml100k_quick.py"
@@ -27,7 +28,9 @@ def _error_lines(stderr):
   return [l for l in stderr.splitlines() if l.startswith(("main: error:", "hint:"))]
 
 
+@pytest.mark.slow
 def test_unknown_config_field_names_the_closest_fields(tmp_path):
+  """The real `python -m lcrec_jax.main` process (the one for this command)."""
   out = _main(f"--workdir={tmp_path}", "--config.train.lrr=1")
   assert out.returncode == 2, out.stderr[-3000:]
   assert "Traceback" not in out.stderr
@@ -67,11 +70,12 @@ def test_workdir_that_is_a_file_or_cannot_be_made(tmp_path):
   cli.check_workdir(str(tmp_path / "new" / "dir"))
   assert (tmp_path / "new" / "dir").is_dir()
   cli.check_workdir("gs://bucket/run")  # left to lcrec_jax.fs
-  out = _main(f"--workdir={f}")
+  out = entry.run("main", f"--config={QUICK}", f"--workdir={f}", cwd=REPO)
   assert out.returncode == 2 and "Traceback" not in out.stderr
   assert _error_lines(out.stderr)[0] == f"main: error: --workdir={f} is a file, not a directory"
 
 
+@pytest.mark.slow
 def test_data_error_is_one_line_and_the_traceback_is_in_the_log_file(tmp_path):
   """A header-only interaction file: a DataError at load, one line on stderr (after the
   run's own log lines), exit 2; the traceback is in <workdir>/main.*.INFO only."""

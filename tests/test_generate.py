@@ -9,13 +9,13 @@ import pytest
 
 from lcrec_jax import generate
 from lcrec_jax.llm import build
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+from tests import entry
 
 
 @pytest.mark.slow
 def test_smollm2_greedy_matches_transformers():
+  torch = pytest.importorskip("torch")  # here, not at import: the fast tests need no torch
+  transformers = pytest.importorskip("transformers")
   model, params, tok = generate.load()
   prompt = "The capital of France is"
   ids = tok.encode(prompt)
@@ -39,10 +39,20 @@ def test_smollm2_greedy_matches_transformers():
 ])
 def test_bad_model_path_is_one_line(flag, expect, tmp_path):
   """A wrong --gguf / --hf_dir is a one-line error naming the flag, exit 2, no traceback."""
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=repo)
-  out = subprocess.run([sys.executable, "-m", "lcrec_jax.generate", "--prompt=hi", flag],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  out = entry.run("generate", "--prompt=hi", flag, cwd=str(tmp_path))
   assert out.returncode == 2, out.stderr
   assert f"generate: error: {expect}" in out.stderr
+  assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_bad_model_path_as_a_process():
+  """The real `python -m lcrec_jax.generate` process: one line, exit 2."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=repo)
+  out = subprocess.run([sys.executable, "-m", "lcrec_jax.generate", "--prompt=hi",
+                        "--gguf=/no/such/model.gguf"], cwd=repo, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2, out.stderr
+  assert "generate: error: --gguf=/no/such/model.gguf: no such file" in out.stderr
   assert "Traceback" not in out.stderr

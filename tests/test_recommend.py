@@ -13,6 +13,7 @@ import pytest
 
 from configs.ml100k_quick import get_config
 from lcrec_jax import recommend as rec
+from tests import entry
 from lcrec_jax.data.loaders import load_dataset
 from lcrec_jax.index.item_index import ItemIndex
 from lcrec_jax.llm import config as llm_config
@@ -156,7 +157,9 @@ def test_missing_model_and_not_a_run(tmp_path):
     rec.run_command(workdir, " ; ", k=3)
 
 
+@pytest.mark.slow
 def test_cli_json_and_error_exit(run, tmp_path):
+  """The real `python -m lcrec_jax.recommend` process (the one for this command)."""
   workdir, _ = run
   env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)
@@ -200,11 +203,7 @@ def test_nonfinite_model_is_refused(tmp_path):
 
 def test_cli_bad_template_is_one_line_exit_2(run):
   workdir, _ = run
-  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-  env.pop("XLA_FLAGS", None)
-  out = subprocess.run([sys.executable, "-m", "lcrec_jax.recommend", f"--workdir={workdir}",
-                        "--history=Toy Story", "--template=99"],
-                       capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+  out = entry.run("recommend", f"--workdir={workdir}", "--history=Toy Story", "--template=99")
   assert out.returncode == 2 and "Traceback" not in out.stderr
-  assert [l for l in out.stderr.splitlines() if "error" in l] == [
-      l for l in out.stderr.splitlines() if l.startswith("recommend: error: --template=99: ")]
+  errors = [l for l in out.stderr.splitlines() if "error" in l]
+  assert len(errors) == 1 and errors[0].startswith("recommend: error: --template=99: ")

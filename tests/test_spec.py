@@ -1,23 +1,21 @@
 """The run spec (lcrec_jax/spec.py): defaults in one place, every bad value caught before work.
 
 Each rule is checked on the quick recipe with one field broken, and the error must name
-that field. The command-line checks run `lcrec_jax.main` and require it to fail in
-seconds (before any stage) with the field in the message.
+that field. The command-line checks run `lcrec_jax.main` (in this process, tests/entry.py) and
+require it to fail in seconds (before any stage) with the field in the message.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 import pathlib
-import subprocess
-import sys
 import time
 
 import pytest
 
 from lcrec_jax import spec
 from lcrec_jax.errors import ConfigError
+from tests import entry
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RECIPES = sorted(p for p in (ROOT / "configs").glob("*.py") if p.name != "__init__.py"
@@ -124,12 +122,11 @@ def test_paths_checked_only_for_stages_that_read_them(tmp_path):
 
 
 def _main(tmp_path, *args, recipe="configs/ml100k_quick.py"):
+  """`python -m lcrec_jax.main` in this process (tests/entry.py): the check is main's, the
+  process boundary is tested once in test_cli.py."""
   t0 = time.perf_counter()
-  proc = subprocess.run(
-      [sys.executable, "-m", "lcrec_jax.main", f"--config={recipe}",
-       f"--workdir={tmp_path / 'run'}", *args],
-      cwd=ROOT, capture_output=True, text=True, timeout=120,
-      env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
+  proc = entry.run("main", f"--config={recipe}", f"--workdir={tmp_path / 'run'}", *args,
+                   cwd=str(ROOT))
   return proc, time.perf_counter() - t0
 
 
@@ -142,9 +139,9 @@ def _main(tmp_path, *args, recipe="configs/ml100k_quick.py"):
 def test_main_fails_in_seconds_naming_the_flag(tmp_path, flag, field):
   args = [flag] + (["--stages=train"] if flag.startswith("--force") else [])
   proc, seconds = _main(tmp_path, *args)
-  assert proc.returncode != 0
+  assert proc.returncode == 2
   assert field in proc.stderr, proc.stderr[-2000:]
-  assert seconds < 60  # imports and the check only: no dataset, no stage
+  assert seconds < 60  # the check only: no dataset, no stage
   assert not (tmp_path / "run" / "index").exists()
 
 
@@ -158,7 +155,7 @@ def test_main_rejects_a_recipe_key_nothing_reads(tmp_path):
       "  c.tasks.eval_template_ids = (0,)\n"
       "  return c\n")
   proc, seconds = _main(tmp_path, recipe=str(recipe))
-  assert proc.returncode != 0 and seconds < 60
+  assert proc.returncode == 2 and seconds < 60
   assert "tasks.eval_template_ids" in proc.stderr, proc.stderr[-2000:]
 
 
@@ -166,11 +163,8 @@ def test_main_refuses_a_workdir_it_cannot_create(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")
   t0 = time.perf_counter()
-  proc = subprocess.run(
-      [sys.executable, "-m", "lcrec_jax.main", "--config=configs/ml100k_quick.py",
-       f"--workdir={blocker / 'run'}"],
-      cwd=ROOT, capture_output=True, text=True, timeout=120,
-      env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
+  proc = entry.run("main", "--config=configs/ml100k_quick.py", f"--workdir={blocker / 'run'}",
+                   cwd=str(ROOT))
   assert proc.returncode == 2 and time.perf_counter() - t0 < 60
   assert proc.stderr.startswith("main: error: --workdir=") and "cannot create" in proc.stderr
   assert "Traceback" not in proc.stderr

@@ -3,8 +3,6 @@ its sequences carry structure a simple model learns (beats popularity by a wide 
 
 import collections
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ import pytest
 from lcrec_jax.data import synthetic
 from lcrec_jax.data.loaders import load_dataset
 from lcrec_jax.errors import ConfigError
+from tests import entry
 
 SPEC = synthetic.SyntheticSpec(users=1500, items=600, interactions=12500, text_chars=500,
                                num_groups=30, seed=3)
@@ -100,10 +99,8 @@ def test_impossible_sizes_name_the_flag():
 
 
 def test_cli_writes_loadable_files(tmp_path):
-  r = subprocess.run([sys.executable, "-m", "lcrec_jax.data.synthetic", f"--out={tmp_path}",
-                      "--name=Tiny", "--users=30", "--items=25", "--interactions=200",
-                      "--text_chars=100", "--seed=1"], capture_output=True, text=True,
-                     timeout=120)
+  r = entry.run("synthetic", f"--out={tmp_path}", "--name=Tiny", "--users=30", "--items=25",
+                "--interactions=200", "--text_chars=100", "--seed=1")
   assert r.returncode == 0, r.stderr
   ds = load_dataset({"format": "lcrec", "path": str(tmp_path), "name": "Tiny"})
   assert (ds.num_users, ds.num_items, ds.num_interactions) == (30, 25, 200)
@@ -112,9 +109,8 @@ def test_cli_writes_loadable_files(tmp_path):
 
 
 def test_cli_bad_size_is_one_line_and_exit_2(tmp_path):
-  r = subprocess.run([sys.executable, "-m", "lcrec_jax.data.synthetic", f"--out={tmp_path}",
-                      "--users=10", "--items=50", "--interactions=20"], capture_output=True,
-                     text=True, timeout=120)
+  r = entry.run("synthetic", f"--out={tmp_path}", "--users=10", "--items=50",
+                "--interactions=20")
   assert r.returncode == 2
   assert r.stderr.strip().splitlines() == [
       "error: --interactions=20: every user needs >= 3 interactions, so >= 30 for 10 users"]
