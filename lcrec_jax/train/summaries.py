@@ -6,8 +6,9 @@ line, read back by `read_jsonl`) and its scalars to TensorBoard event files in
 CRC-32C are its job). Why tensorboardX: it needs only numpy, packaging and protobuf,
 all installed anyway; `flax.metrics.tensorboard` and clu's TensorBoard writer need
 TensorFlow (and clu's last release is from 2024). tensorboardX is imported when the
-first TensorBoard writer opens: its writer module imports torch when torch is
-installed, which only runs that write TensorBoard events should pay for.
+first TensorBoard writer opens, with torch hidden from it (`_import_tensorboardx`): its
+writer module imports torch when torch is installed (6-10 s on the 2-core CPU) only to
+accept torch tensors, and every value written here is a Python or numpy number.
 
 Files go through :mod:`lcrec_jax.fs`, so `logdir` may be a `gs://` path: for remote
 paths tensorboardX is given `fs.AppendLog` objects as its event files (registered as
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -59,6 +61,25 @@ class _FsEventFiles:
 _FACTORY_REGISTERED = False
 
 
+def _import_tensorboardx():
+  """``import tensorboardX`` without its optional ``import torch``.
+
+  A ``None`` entry in ``sys.modules`` makes ``import torch`` raise ImportError, which
+  tensorboardX's writer catches (it then accepts numpy arrays only, all we write). The
+  entry is removed right after, so a later ``import torch`` in the process works; a torch
+  already imported is left alone.
+  """
+  hide = "torch" not in sys.modules
+  if hide:
+    sys.modules["torch"] = None
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+  finally:
+    if hide and sys.modules.get("torch", 0) is None:
+      del sys.modules["torch"]
+  return tensorboardX
+
+
 def summary_writer(logdir: str | os.PathLike, purge_step: int | None = None):
   """A `tensorboardX.SummaryWriter` for `logdir` (local or remote, through `fs`).
 
@@ -74,10 +95,8 @@ def summary_writer(logdir: str | os.PathLike, purge_step: int | None = None):
     points it hides).
   """
   global _FACTORY_REGISTERED
-  # pylint: disable=g-import-not-at-top
-  import tensorboardX
-  from tensorboardX import record_writer
-  # pylint: enable=g-import-not-at-top
+  tensorboardX = _import_tensorboardx()
+  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
   if not _FACTORY_REGISTERED:
     for prefix in fs._REMOTE_PREFIXES:  # pylint: disable=protected-access
       record_writer.register_writer_factory(prefix.split(":")[0], _FsEventFiles())
