@@ -80,6 +80,7 @@ def _hf_generate(hf, prompt, num_beams, steps, **kw):
   return toks, out.sequences_scores.numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_beams,steps", [(4, 5), (3, 1)])
 def test_unconstrained_matches_hf_generate(models, num_beams, steps):
   hf, model, params = models
@@ -136,6 +137,7 @@ def _index(num_items=24, seed=3):
   return ItemIndex(tuple(f"i{i}" for i in range(num_items)), codes, (K,) * LEVELS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,layout", [("trie", "dense"), ("trie", "csr"), ("position", None)])
 def test_constrained_matches_hf_prefix_allowed_tokens_fn(models, mode, layout):
   hf, model, params = models

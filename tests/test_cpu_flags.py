@@ -63,6 +63,7 @@ def test_opt_out_and_accelerator_target(monkeypatch):
   assert os.environ["XLA_FLAGS"] == ""
 
 
+@pytest.mark.slow
 def test_this_jaxlib_accepts_the_flags_and_numerics_hold():
   """XLA aborts on an unknown flag or value: a jaxlib upgrade that drops one fails here."""
   if cpu_flags._jaxlib_version() not in cpu_flags.TESTED_JAXLIB:

@@ -22,6 +22,7 @@ def _word_tokenizer(words):
   return tok
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied,scan", [(False, True), (True, False)])
 def test_export_round_trip(tmp_path, tied, scan):
   v0, extra = 40, 8
@@ -75,6 +76,7 @@ def test_export_round_trip(tmp_path, tied, scan):
   assert tok.convert_tokens_to_ids("w5") == 8
 
 
+@pytest.mark.slow
 def test_bf16_export_loads(tmp_path):
   cfg = tiny(vocab=32)
   params = model_lib.init_params(cfg, jax.random.PRNGKey(0))

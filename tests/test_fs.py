@@ -417,6 +417,7 @@ app.run(main.main, argv=["main"] + sys.argv[2:])
 '''
 
 
+@pytest.mark.slow
 def test_gs_main_run_writes_config_and_copies_its_log(bucket, tmp_path):
   """`python -m lcrec_jax.main --workdir=gs://...` (index stage finished in the bucket)."""
   import subprocess

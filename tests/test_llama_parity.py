@@ -81,16 +81,19 @@ def _check(hf_model, tmp_path, pad="right", t=12, **overrides):
   return params, cfg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pad", ["right", "left"])
 def test_mha_untied_padded(tmp_path, pad):
   _check(_hf_model(0), tmp_path, pad=pad)
 
 
+@pytest.mark.slow
 def test_gqa_scanned_remat(tmp_path):
   _check(_hf_model(1, num_key_value_heads=2), tmp_path, pad="left",
          scan_layers=True, remat_policy="full")
 
 
+@pytest.mark.slow
 def test_tied_embeddings_and_head_dim(tmp_path):
   m = _hf_model(2, tie_word_embeddings=True, num_key_value_heads=1, head_dim=16)
   params, cfg = _check(m, tmp_path)
@@ -98,6 +101,7 @@ def test_tied_embeddings_and_head_dim(tmp_path):
   assert cfg.head_dim == 16
 
 
+@pytest.mark.slow
 def test_llama3_rope_scaling(tmp_path):
   rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
           "low_freq_factor": 1.0, "high_freq_factor": 4.0,

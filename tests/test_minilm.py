@@ -57,6 +57,7 @@ def torch_ref(model_dir):
   return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_length", [128, 16])
 def test_parity_with_transformers(encoder, torch_ref, max_length):
   ref_ids, ref_hidden, ref_emb = torch_ref(TEXTS, max_length)

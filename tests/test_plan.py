@@ -31,6 +31,7 @@ def llama7b_plan():
                                           target_mfu=0.5, peak_flops=275e12)
 
 
+@pytest.mark.slow
 def test_llama7b_param_bytes_match_analytic_count(llama7b_plan):
   config, p = llama7b_plan
   cfg = plan_lib.model_config_for_plan(config)
@@ -47,6 +48,7 @@ def test_llama7b_param_bytes_match_analytic_count(llama7b_plan):
   assert p.batch_bytes == 4 * 4 * BATCH * SEQ // 8  # 4 int32 [B, T] arrays over 8 ways
 
 
+@pytest.mark.slow
 def test_llama7b_compiled_memory_and_throughput(llama7b_plan):
   config, p = llama7b_plan
   state = p.param_bytes + p.opt_state_bytes
@@ -75,6 +77,7 @@ def test_parse_mesh():
     plan_lib.parse_mesh("fsdp=0")
 
 
+@pytest.mark.slow
 def test_cli_on_quick_recipe():
   """`python -m lcrec_jax.plan` sets its own simulated device count (here 4)."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -96,6 +99,7 @@ def llama7b_decode_plan():
                                       num_items=2000)
 
 
+@pytest.mark.slow
 def test_llama7b_decode_params_are_sharded_bf16(llama7b_decode_plan):
   config, p = llama7b_decode_plan
   cfg = plan_lib.model_config_for_plan(config)
@@ -113,6 +117,7 @@ def test_llama7b_decode_params_are_sharded_bf16(llama7b_decode_plan):
   assert "v4-32 (32 GiB/chip): fits" in text and "v5e-16 (16 GiB/chip): fits" in text
 
 
+@pytest.mark.slow
 def test_cli_eval_step_on_quick_recipe():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   out = subprocess.run(

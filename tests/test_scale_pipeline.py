@@ -13,6 +13,7 @@ from lcrec_jax.recipes import sibling
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_generate_and_embed_are_measured(tmp_path):
   r = subprocess.run(
       [sys.executable, os.path.join(REPO, "benchmarks", "scale_pipeline.py"),

@@ -97,6 +97,7 @@ def test_special_ids(tok):
   assert tok.chat_template and "im_start" in tok.chat_template
 
 
+@pytest.mark.slow
 def test_parity_with_transformers_gguf_tokenizer(tok, hf_tok):
   texts = _PROMPTS + _movie_titles()
   assert len(texts) > 100
