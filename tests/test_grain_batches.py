@@ -158,6 +158,7 @@ def test_examples_dir_layout(tmp_path):
   assert workdir_lib.examples_dir("gs://b/other", 0) != a
 
 
+@pytest.mark.slow
 def test_trainer_resume_with_grain_batches(tmp_path):
   """A run fed by grain that crashes at step 3 and resumes from its step-2 checkpoint
   (mid epoch 0; steps 3..5 cross into epoch 1) ends with the same losses and params (one

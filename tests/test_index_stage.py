@@ -58,6 +58,7 @@ def _leaves(variables):
   return [np.asarray(l) for l in jax.tree.leaves(variables)]
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path):
   c = _config()
   x = _embeddings()
