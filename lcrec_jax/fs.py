@@ -344,7 +344,7 @@ class AppendLog:
     self.remote = is_remote(p)
     self.remote_flush_s = float(remote_flush_s)
     self.enabled = not _skip(all_processes)
-    self._last_upload = 0.0
+    self._last_upload: float | None = None  # never: the first flush writes
     self._dirty = False
     self._f = None
     if not self.enabled:
@@ -377,7 +377,8 @@ class AppendLog:
       self._f.flush()
       return
     now = time.monotonic()
-    if self._dirty and (force or now - self._last_upload >= self.remote_flush_s):
+    if self._dirty and (force or self._last_upload is None
+                        or now - self._last_upload >= self.remote_flush_s):
       write_bytes(self.path, bytes(self._buf), all_processes=True)
       self._last_upload, self._dirty = now, False
 
