@@ -2,7 +2,8 @@
 
 Layout (the one place that knows it; local or ``gs://``)::
 
-  <workdir>/config.json            the resolved config of the last run
+  <workdir>/.lock                  held by the running main (pid, host, start time)
+  <workdir>/config.json            the resolved config of the last accepted run
   <workdir>/cache/                 item embeddings, keyed by a content hash
   <workdir>/index/                 index stage: index.json, report.json, codes.png, DONE
   <workdir>/train/                 train stage: checkpoints, metrics, tokenizer,
@@ -22,20 +23,37 @@ Each stage also writes ``<stage dir>/MANIFEST.json`` (stage dirs: ``index/``, ``
    "finished": "2026-11-30 05:40:12"}
 
 It is written when the stage starts (without ``outputs``/``finished``: the checkpoints in
-the stage's directories belong to those inputs) and again when it ends. A downstream
-stage records the hash of each upstream manifest, so a re-run upstream (new outputs, new
+the stage's directories belong to those inputs; the stage's DONE marker is removed then)
+and again when it ends, with the size (and, up to 64 MiB, the content hash) of every
+output the downstream stages read (:data:`_OUTPUTS`: ``index/index.json``, the whole
+``model/``, ``train/tokenizer/``, the newest train checkpoint, ...). A downstream stage
+records the hash of each upstream manifest, so a re-run upstream (new outputs, new
 finish time) makes it stale. :func:`plan` decides, before any work, which stages run:
 
-* named in ``--force``: runs (resuming from its checkpoints, as before);
-* an upstream stage runs, or the recorded inputs differ from the config / the data
-  files' contents / the upstream manifests: runs from scratch (its old directories are removed first);
+* an upstream stage runs: runs from scratch;
+* named in ``--force``: runs from scratch (the start-over: its outputs and checkpoints
+  are removed first);
+* its manifest is unreadable: counted as not finished, runs (a warning names the file);
 * not finished, and only fields of :data:`RESUMABLE` changed (a lower ``train.lr`` after
-  a divergence stopped training): runs, resuming from its newest (finite) checkpoint;
-* not finished: runs (an interrupted run with the same inputs resumes);
-* finished with the same inputs: reused.
+  a divergence stopped training): runs, resuming from its newest healthy checkpoint
+  (:mod:`lcrec_jax.train.divergence`);
+* the recorded inputs differ from the config / the data files' contents / the upstream
+  manifests: runs from scratch (its old directories are removed first);
+* finished, but an output no longer matches its manifest (size first, then content
+  hash): runs again, resuming from its checkpoints, with a warning naming the file;
+  everything downstream runs from scratch;
+* not finished (no DONE, or a manifest without ``finished``): runs (an interrupted run
+  with the same inputs resumes);
+* finished with the same inputs and outputs: reused.
 
-A finished stage without a manifest (a workdir from before manifests) is reused with a
-warning that its inputs cannot be checked; ``--force=<stage>`` rebuilds it.
+A stage outside ``--stages`` that a selected one reads must be finished, current and
+undamaged, else one :class:`WorkdirError` says which and why. A finished stage without a
+manifest (a workdir from before manifests) is reused with a warning that its inputs
+cannot be checked; ``--force=<stage>`` rebuilds it.
+
+``main`` holds ``<workdir>/.lock`` (:mod:`lcrec_jax.lock`) for the whole run, removes a
+killed run's leftovers (:func:`remove_leftovers`) and writes ``config.json`` only after
+the plan accepted the run; read-only consumers use :func:`resolved_config`.
 """
 
 from __future__ import annotations
