@@ -396,8 +396,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
 
   def save_preempted(info: loop_lib.StepInfo) -> None:
     save(info)
-    logging.warning("train: preemption signal at step %d: checkpoint saved, stopping",
-                    info.step)
+    logging.warning("train: %s at step %d: checkpoint saved, stopping",
+                    "Ctrl-C" if interrupt.requested() else "preemption signal", info.step)
 
   ckpt.install_sigterm_handler()
   progress = progress_lib.Progress(num_steps, "train", "step", initial=step,
