@@ -218,11 +218,11 @@ def _run_stages(pipeline: Pipeline, steps: list[workdir_lib.Step], flat: dict) -
   except Exception as e:  # pylint: disable=broad-except
     if not _no_space(e):
       raise
-    raise _no_space_error(workdir, pipeline.config, current) from None
+    # chained: the boundary writes the whole traceback to the log file, stderr gets a line
+    raise _no_space_error(workdir, pipeline.config, current) from e
 
 
 def _no_space_error(workdir: str, config, stage: str | None) -> WorkdirError:
-  logging.error("no space left on the device holding %s", workdir, exc_info=True)
   what = f" for stage {stage}" if stage else ""
   return WorkdirError(
       f"no space left on the device holding {workdir} (needs ~"
@@ -274,7 +274,7 @@ def main(argv):
   except OSError as e:  # a full disk outside a stage (config.json, a manifest, the log)
     if not _no_space(e):
       raise
-    raise _no_space_error(workdir, config, None) from None
+    raise _no_space_error(workdir, config, None) from e
   finally:
     interrupt.uninstall()
     if lock is not None:

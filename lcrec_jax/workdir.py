@@ -285,7 +285,7 @@ def _outputs(workdir: str, stage: str) -> dict[str, dict[str, Any]]:
 
 
 def _mb(n: int) -> str:
-  return f"{n / 1e6:.3g} MB" if n >= 100_000 else f"{n} bytes"
+  return f"{n / 1e6:.1f} MB" if n >= 10_000_000 else f"{n:,} bytes"
 
 
 def damaged_output(workdir: str, stage: str, manifest: Mapping[str, Any]) -> str | None:

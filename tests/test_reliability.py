@@ -140,7 +140,7 @@ def test_damaged_outputs_rerun_the_stage_and_its_dependents(tmp_path):
   os.truncate(f"{wd}/model/model.safetensors", 100)
   steps = wl.plan(wd, flat, STAGES, [])
   assert _decisions(steps) == {"index": "reuse", "train": "run", "eval": "scratch"}
-  assert f"{wd}/model/model.safetensors is 100 bytes, 5000 bytes when train finished" in (
+  assert f"{wd}/model/model.safetensors is 100 bytes, 5,000 bytes when train finished" in (
       steps[1].warning)
   _finished_run(wd, flat)
   # the trained tokenizer deleted (eval reads it)
@@ -290,6 +290,7 @@ def test_enospc_anywhere_is_one_line_naming_the_workdir(tmp_path, monkeypatch):
     main_lib._run_stages(pipe, steps, {})
   assert str(e.value).startswith(f"no space left on the device holding {tmp_path} (needs ~")
   assert "MB for stage train" in str(e.value)
+  assert isinstance(e.value.__cause__, ValueError)  # the log file gets the whole traceback
 
 
 def test_ctrl_c_is_one_line_naming_the_resume_step(tmp_path, monkeypatch):
