@@ -4,10 +4,12 @@
       cli.run(main, "recommend")
 
 Expected errors (:class:`lcrec_jax.errors.UserError`, ``absl.app.UsageError``, a bad flag,
-an unknown ``--config.x.y`` field) are printed as one line ``<prog>: error: ...`` (plus
+a ``--config`` file that is missing, does not parse or has no ``get_config``, an unknown
+``--config.x.y`` field) are printed as one line ``<prog>: error: ...`` (plus
 ``hint: ...`` where there is one) on stderr, and the process exits with status 2. Their
 traceback goes to the run's absl log file only, when one is open. Anything else is a bug
-and keeps its traceback.
+and keeps its traceback. Ctrl-C is one line, ``<prog>: interrupted ...``, and exit status 130.
+JAX's backend probe line (``Unable to initialize backend 'tpu'``) is silenced.
 """
 
 from __future__ import annotations
@@ -25,14 +27,23 @@ from absl import app, flags, logging
 from lcrec_jax.errors import EXIT_USER_ERROR, ConfigError, UserError, WorkdirError
 
 
-def fail(prog: str, message: str, hint: str | None = None) -> NoReturn:
-  """Prints ``<prog>: error: message`` (and ``hint: ...``) on stderr; exits with status 2."""
+def fail(prog: str, message: str, hint: str | None = None, *, code: int = EXIT_USER_ERROR,
+         prefix: str = "error: ") -> NoReturn:
+  """Prints ``<prog>: error: message`` (and ``hint: ...``) on stderr; exits with ``code``."""
   first, *rest = str(message).strip().splitlines() or [""]
-  print(f"{prog}: error: {first}", file=sys.stderr)
+  print(f"{prog}: {prefix}{first}", file=sys.stderr)
   if hint or rest:
     print(f"hint: {hint or ' '.join(r.strip() for r in rest)}", file=sys.stderr)
   sys.stderr.flush()
-  sys.exit(EXIT_USER_ERROR)
+  sys.exit(code)
+
+
+def quiet_backend_probe() -> None:
+  """Silences JAX's INFO line ``Unable to initialize backend 'tpu': ...`` (and the other
+  platforms' probes): on a CPU host it precedes every command's own output or one-line
+  error. Real backend failures are raised, not logged, so nothing is lost."""
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+  std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
 
 
 def _log_file_stream() -> Any:
@@ -117,11 +128,67 @@ def unknown_config_field(argv: Sequence[str],
   return None
 
 
+def _config_file_args(argv: Sequence[str],
+                      fv: flags.FlagValues | None = None) -> list[tuple[str, str]]:
+  """``(flag name, file spec)`` of every config-file flag (``--config=path[:arg]``) in argv."""
+  fv = flags.FLAGS if fv is None else fv
+  out = []
+  for i, arg in enumerate(argv):
+    if not arg.startswith("--") or "." in arg.split("=", 1)[0]:
+      continue
+    name, eq, value = arg[2:].partition("=")
+    if name not in fv:
+      continue
+    if type(fv[name].parser).__name__ != "ConfigFileFlagParser":
+      continue
+    if not eq:
+      if i + 1 >= len(argv):
+        continue
+      value = argv[i + 1]
+    out.append((name, value))
+  return out
+
+
+def config_file_error(argv: Sequence[str],
+                      fv: flags.FlagValues | None = None) -> ConfigError | None:
+  """The error for a ``--config`` file that is missing, does not parse or lacks
+  ``get_config``, naming the file (and line); None when the files look usable."""
+  import ast  # pylint: disable=g-import-not-at-top
+  for name, value in _config_file_args(argv, fv):
+    path = value.split(":", 1)[0]
+    if not os.path.isfile(path):
+      return ConfigError(f"--{name}={value}: no such file",
+                         hint="give a recipe file, e.g. --config=configs/ml100k_quick.py")
+    try:
+      with open(path, "rb") as f:
+        tree = ast.parse(f.read(), filename=path)
+    except SyntaxError as e:
+      return ConfigError(f"--{name}={value}: line {e.lineno}: syntax error: {e.msg}")
+    except (OSError, ValueError) as e:
+      return ConfigError(f"--{name}={value}: cannot be read ({e})")
+    defined = set()
+    for node in tree.body:  # a def, an assignment or an import of get_config
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        defined.add(node.name)
+      elif isinstance(node, (ast.Import, ast.ImportFrom)):
+        defined.update((a.asname or a.name).split(".")[0] for a in node.names)
+      elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        defined.update(t.id for t in targets if isinstance(t, ast.Name))
+    if "get_config" not in defined and "*" not in defined:
+      return ConfigError(f"--{name}={value}: the file defines no get_config()",
+                         hint="a recipe file defines def get_config() -> ConfigDict")
+  return None
+
+
 def parse_flags(argv: Sequence[str], prog: str,
                 fv: flags.FlagValues | None = None) -> list[str]:
-  """absl's flag parsing (on ``fv``, default absl's FLAGS), with flag and config-field
-  errors as one line and exit 2."""
+  """absl's flag parsing (on ``fv``, default absl's FLAGS), with flag, config-file and
+  config-field errors as one line and exit 2."""
   fv = flags.FLAGS if fv is None else fv
+  err = config_file_error(argv, fv)  # before absl: ml_collections loads the file lazily
+  if err is not None:
+    fail(prog, str(err), err.hint)
   try:
     return fv(list(argv))
   except flags.Error as e:
@@ -143,14 +210,21 @@ def guarded(main: Callable[[list[str]], Any], prog: str) -> Callable[[list[str]]
       return main(argv)
     except (UserError, app.UsageError) as e:
       _log_traceback(prog)
-      fail(prog, str(e), getattr(e, "hint", None))
+      fail(prog, str(e), getattr(e, "hint", None),
+           code=getattr(e, "exit_code", EXIT_USER_ERROR),
+           prefix=getattr(e, "prefix", "error: "))
+    except KeyboardInterrupt:  # a command without its own resume message
+      fail(prog, "interrupted", code=130, prefix="")
 
   return wrapped
 
 
-def run(main: Callable[[list[str]], Any], prog: str) -> None:
+def run(main: Callable[[list[str]], Any], prog: str,
+        argv: Sequence[str] | None = None) -> None:
   """``absl.app.run(main)`` behind the one-line error boundary."""
-  app.run(guarded(main, prog), flags_parser=functools.partial(parse_flags, prog=prog))
+  quiet_backend_probe()
+  app.run(guarded(main, prog), argv=None if argv is None else list(argv),
+          flags_parser=functools.partial(parse_flags, prog=prog))
 
 
 def run_in_process(define_flags: Callable[[flags.FlagValues, list[str]], Any],

@@ -496,4 +496,6 @@ if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
   _set_simulated_devices(sys.argv)
   _define_flags()
+  from lcrec_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.quiet_backend_probe()
   app.run(main)

@@ -63,6 +63,31 @@ def run_paths(workdir: str) -> dict[str, str]:
           "index_done": fs.join(workdir, "index", "DONE")}
 
 
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config the finished model and index were built from.
+
+  ``config.json`` (the last accepted ``main`` run) with the fields the index and train
+  stages read taken from their manifests (:func:`lcrec_jax.workdir.resolved_config`): a
+  later run with other values, or a hand edit, cannot change what the model is asked. A
+  field where config.json disagrees is named in one warning line.
+
+  Raises:
+    RecommendError: config.json is not valid JSON, or a manifest is unreadable.
+  """
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from lcrec_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.errors import WorkdirError  # pylint: disable=g-import-not-at-top
+  try:
+    config, diffs = workdir_lib.resolved_config(workdir, ("index", "train"))
+  except WorkdirError as e:
+    raise RecommendError(str(e), hint=e.hint) from None
+  if diffs:
+    logging.warning("%s/config.json disagrees with the finished stages (%s%s); using the "
+                    "values the model was built with", workdir, diffs[0],
+                    f"; +{len(diffs) - 1} more" if len(diffs) > 1 else "")
+  return config
+
+
 def load_finished_run(workdir: str) -> FinishedRun:
   """Loads the run config, dataset, item index, exported model and tokenizer of ``workdir``.
 
@@ -77,12 +102,12 @@ def load_finished_run(workdir: str) -> FinishedRun:
   if not fs.isfile(paths["config"]):
     raise RecommendError(f"{paths['config']} not found: {workdir} is not a run directory "
                          "(run python -m lcrec_jax.main --config=... --workdir=... first)")
-  config = ml_collections.ConfigDict(fs.read_json(paths["config"]))
   for key, what in (("index_done", "index"), ("model_done", "model")):
     if not fs.isfile(paths[key]):
       raise RecommendError(
           f"{paths[key]} not found: {workdir} has no finished {what}; run "
           f"python -m lcrec_jax.main --config=<recipe> --workdir={workdir} to finish it")
+  config = run_config(workdir)
   # Heavy imports only once the run is known to be usable.
   from lcrec_jax.data.loaders import load_dataset  # pylint: disable=g-import-not-at-top
   from lcrec_jax.index.stage import load_index  # pylint: disable=g-import-not-at-top

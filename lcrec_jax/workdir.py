@@ -2,7 +2,8 @@
 
 Layout (the one place that knows it; local or ``gs://``)::
 
-  <workdir>/config.json            the resolved config of the last run
+  <workdir>/.lock                  held by the running main (pid, host, start time)
+  <workdir>/config.json            the resolved config of the last accepted run
   <workdir>/cache/                 item embeddings, keyed by a content hash
   <workdir>/index/                 index stage: index.json, report.json, codes.png, DONE
   <workdir>/train/                 train stage: checkpoints, metrics, tokenizer,
@@ -22,20 +23,37 @@ Each stage also writes ``<stage dir>/MANIFEST.json`` (stage dirs: ``index/``, ``
    "finished": "2026-11-30 05:40:12"}
 
 It is written when the stage starts (without ``outputs``/``finished``: the checkpoints in
-the stage's directories belong to those inputs) and again when it ends. A downstream
-stage records the hash of each upstream manifest, so a re-run upstream (new outputs, new
+the stage's directories belong to those inputs; the stage's DONE marker is removed then)
+and again when it ends, with the size (and, up to 64 MiB, the content hash) of every
+output the downstream stages read (:data:`_OUTPUTS`: ``index/index.json``, the whole
+``model/``, ``train/tokenizer/``, the newest train checkpoint, ...). A downstream stage
+records the hash of each upstream manifest, so a re-run upstream (new outputs, new
 finish time) makes it stale. :func:`plan` decides, before any work, which stages run:
 
-* named in ``--force``: runs (resuming from its checkpoints, as before);
-* an upstream stage runs, or the recorded inputs differ from the config / the data
-  files' contents / the upstream manifests: runs from scratch (its old directories are removed first);
+* an upstream stage runs: runs from scratch;
+* named in ``--force``: runs from scratch (the start-over: its outputs and checkpoints
+  are removed first);
+* its manifest is unreadable: counted as not finished, runs (a warning names the file);
 * not finished, and only fields of :data:`RESUMABLE` changed (a lower ``train.lr`` after
-  a divergence stopped training): runs, resuming from its newest (finite) checkpoint;
-* not finished: runs (an interrupted run with the same inputs resumes);
-* finished with the same inputs: reused.
+  a divergence stopped training): runs, resuming from its newest healthy checkpoint
+  (:mod:`lcrec_jax.train.divergence`);
+* the recorded inputs differ from the config / the data files' contents / the upstream
+  manifests: runs from scratch (its old directories are removed first);
+* finished, but an output no longer matches its manifest (size first, then content
+  hash): runs again, resuming from its checkpoints, with a warning naming the file;
+  everything downstream runs from scratch;
+* not finished (no DONE, or a manifest without ``finished``): runs (an interrupted run
+  with the same inputs resumes);
+* finished with the same inputs and outputs: reused.
 
-A finished stage without a manifest (a workdir from before manifests) is reused with a
-warning that its inputs cannot be checked; ``--force=<stage>`` rebuilds it.
+A stage outside ``--stages`` that a selected one reads must be finished, current and
+undamaged, else one :class:`WorkdirError` says which and why. A finished stage without a
+manifest (a workdir from before manifests) is reused with a warning that its inputs
+cannot be checked; ``--force=<stage>`` rebuilds it.
+
+``main`` holds ``<workdir>/.lock`` (:mod:`lcrec_jax.lock`) for the whole run, removes a
+killed run's leftovers (:func:`remove_leftovers`) and writes ``config.json`` only after
+the plan accepted the run; read-only consumers use :func:`resolved_config`.
 """
 
 from __future__ import annotations
@@ -62,11 +80,18 @@ _DONE = {"index": "DONE", "train": "DONE", "eval": "results.json", "baseline": "
 # Directories a from-scratch run removes first (checkpoints included).
 _STATE_DIRS = {"index": ("index",), "train": ("train", "model"), "eval": ("eval",),
                "baseline": ("baselines",)}
-# Outputs whose content hash goes into the manifest (files over _HASH_LIMIT: size only).
-_OUTPUTS = {"index": ("index.json", "report.json"),
-            "train": ("DONE", "config.json", "model.safetensors"),
-            "eval": ("results.json",), "baseline": ("results.json",)}
-_HASH_LIMIT = 1 << 28
+# Outputs whose sizes (and content hashes, files up to _OUTPUT_HASH_LIMIT) go into the
+# manifest when the stage finishes and are checked before it is reused: what the
+# downstream stages and `recommend` read. Paths relative to the workdir; a trailing "/"
+# is every file under that directory; "{latest}" the newest finished checkpoint (the
+# eval stage restores it).
+_OUTPUTS = {"index": ("index/index.json", "index/report.json", "index/DONE"),
+            "train": ("model/", "train/tokenizer/", "train/checkpoints/{latest}/"),
+            "eval": ("eval/results.json",), "baseline": ("baselines/",)}
+_HASH_LIMIT = 1 << 28  # input files
+_OUTPUT_HASH_LIMIT = 1 << 26  # outputs: bigger ones are checked by size (plan-time cost)
+# What an unfinished stage's re-run keeps (the plan line says it).
+_RESUMES = {"index": "resumes from its checkpoints", "train": "resumes from its checkpoints"}
 # Config fields each stage reads ("x." = the whole section, so a key added to a section
 # counts unless listed in NO_EFFECT).
 READS: dict[str, tuple[str, ...]] = {
@@ -179,6 +204,8 @@ def read_manifest(workdir: str, stage: str) -> dict[str, Any] | None:
     return None
   try:
     m = fs.read_json(path)
+    if not isinstance(m, dict):
+      raise ValueError("not a JSON object")
   except (ValueError, OSError) as e:
     raise WorkdirError(f"{path}: unreadable ({e})",
                        hint=f"--force={stage} rebuilds the stage") from None
@@ -188,23 +215,101 @@ def read_manifest(workdir: str, stage: str) -> dict[str, Any] | None:
   return m
 
 
+def _try_manifest(workdir: str, stage: str) -> tuple[dict[str, Any] | None, str | None]:
+  """``(manifest, None)``, or ``(None, why)`` when it exists but cannot be used."""
+  try:
+    return read_manifest(workdir, stage), None
+  except WorkdirError as e:
+    return None, str(e)
+
+
 def _upstream_hashes(workdir: str, stage: str) -> dict[str, str | None]:
   out = {}
   for up in UPSTREAM[stage]:
-    m = read_manifest(workdir, up)
+    m, _ = _try_manifest(workdir, up)
     out[up] = manifest_hash(m) if m is not None else None
   return out
 
 
-def _outputs(workdir: str, stage: str) -> dict[str, str]:
+def _size(p: str) -> int:
+  return fs.path(p).stat().length if fs.is_remote(p) else os.path.getsize(p)
+
+
+def _output_files(workdir: str, stage: str) -> dict[str, str]:
+  """``{path relative to the workdir: path}`` of the outputs :data:`_OUTPUTS` names."""
   out = {}
-  for name in _OUTPUTS[stage]:
-    p = fs.join(stage_dir(workdir, stage), name)
-    if not fs.isfile(p):
+  for rel in _OUTPUTS.get(stage, ()):
+    if "{latest}" in rel:
+      parent = fs.join(workdir, rel.split("{latest}")[0])
+      steps = [int(n) for n in fs.listdir(parent) if n.isdigit()] if fs.isdir(parent) else []
+      if not steps:
+        continue
+      rel = rel.replace("{latest}", str(max(steps)))
+    p = fs.join(workdir, rel)
+    if not rel.endswith("/"):
+      if fs.isfile(p):
+        out[rel] = p
       continue
-    size = fs.path(p).stat().length if fs.is_remote(p) else os.path.getsize(p)
-    out[name] = _sha(fs.read_bytes(p)) if size <= _HASH_LIMIT else f"size:{size}"
+    if not fs.isdir(p):
+      continue
+    for sub in _walk_files(p):
+      name = sub.rsplit("/", 1)[-1]
+      if name == "MANIFEST.json" or name.startswith(".tmp-"):
+        continue
+      out[rel + sub] = fs.join(p, sub)
   return out
+
+
+def _walk_files(directory: str, prefix: str = "") -> list[str]:
+  """Relative paths (``a/b``) of every file under ``directory``, sorted."""
+  out = []
+  for name in fs.listdir(fs.join(directory, prefix) if prefix else directory):
+    sub = f"{prefix}{name}"
+    if fs.isdir(fs.join(directory, sub)):
+      out.extend(_walk_files(directory, sub + "/"))
+    else:
+      out.append(sub)
+  return out
+
+
+def _outputs(workdir: str, stage: str) -> dict[str, dict[str, Any]]:
+  """``{relative path: {"size", "sha256" (files up to _OUTPUT_HASH_LIMIT)}}``."""
+  out = {}
+  for rel, p in _output_files(workdir, stage).items():
+    size = _size(p)
+    rec: dict[str, Any] = {"size": size}
+    if size <= _OUTPUT_HASH_LIMIT:
+      rec["sha256"] = _sha(fs.read_bytes(p))
+    out[rel] = rec
+  return out
+
+
+def _mb(n: int) -> str:
+  return f"{n / 1e6:.1f} MB" if n >= 10_000_000 else f"{n:,} bytes"
+
+
+def damaged_output(workdir: str, stage: str, manifest: Mapping[str, Any]) -> str | None:
+  """What differs between a finished stage's outputs and its manifest, or None.
+
+  Sizes first (cheap); content hashes of the files the manifest hashed. Manifests of
+  older lcrec-jax (``{name in the stage dir: "sha256:..." | "size:N"}``) are checked too.
+  """
+  for name, rec in (manifest.get("outputs") or {}).items():
+    if isinstance(rec, str):  # older manifests: names in the stage dir
+      p = fs.join(stage_dir(workdir, stage), name)
+      want_size = int(rec[5:]) if rec.startswith("size:") else None
+      want_hash = rec if rec.startswith("sha256:") else None
+    else:
+      p = fs.join(workdir, name)
+      want_size, want_hash = rec.get("size"), rec.get("sha256")
+    if not fs.isfile(p):
+      return f"{p} is missing"
+    size = _size(p)
+    if want_size is not None and size != want_size:
+      return f"{p} is {_mb(size)}, {_mb(want_size)} when {stage} finished"
+    if want_hash is not None and size <= _HASH_LIMIT and _sha(fs.read_bytes(p)) != want_hash:
+      return f"{p} changed since {stage} finished (content hash)"
+  return None
 
 
 def _file_hash(path: str) -> str:
@@ -283,16 +388,99 @@ class Step:
   """One stage's decision: run it (from scratch or resuming) or reuse its outputs.
 
   ``unchecked``: reused without a manifest (an older workdir): its inputs are unknown.
+  ``warning``: a problem the run repairs (a damaged output, an unreadable manifest),
+  logged as a warning before the stage.
   """
   stage: str
   run: bool
   fresh: bool
   reason: str
   unchecked: bool = False
+  warning: str | None = None
 
   def line(self) -> str:
     what = ("run from scratch" if self.fresh else "run") if self.run else "reuse"
     return f"{self.stage:<9}{what:<17}{self.reason}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _State:
+  """What the workdir says about one stage before the plan decides."""
+  done: bool               # DONE marker present and the manifest (if any) says finished
+  manifest: dict[str, Any] | None
+  unreadable: str | None   # why an existing manifest cannot be used
+  damaged: str | None      # a recorded output that no longer matches
+
+
+def _stage_state(workdir: str, stage: str) -> _State:
+  manifest, unreadable = _try_manifest(workdir, stage)
+  done = (fs.exists(done_path(workdir, stage)) and unreadable is None
+          and (manifest is None or "finished" in manifest))
+  damaged = damaged_output(workdir, stage, manifest) if done and manifest else None
+  return _State(done and damaged is None, manifest, unreadable, damaged)
+
+
+def _resume_note(workdir: str, stage: str) -> str:
+  """What an unfinished stage's re-run resumes from (the plan's words)."""
+  note = _RESUMES.get(stage, "")
+  if stage == "train":
+    from lcrec_jax.train import divergence  # pylint: disable=g-import-not-at-top
+    choice = divergence.choose(train_dir(workdir))
+    if choice is not None:
+      return choice.describe()
+  return note
+
+
+def _needed_input(workdir: str, stage: str, st: _State, changes: list[str],
+                  needed_by: str) -> None:
+  """A stage outside --stages that ``needed_by`` reads must be finished and current."""
+  where = stage_dir(workdir, stage)
+  if st.unreadable:
+    raise WorkdirError(f"{needed_by} needs {stage}, but {st.unreadable}",
+                       hint=f"add {stage} to --stages to rebuild it")
+  if st.damaged:
+    raise WorkdirError(f"{needed_by} needs {stage}, but {st.damaged}",
+                       hint=f"add {stage} to --stages to rebuild it")
+  if not st.done:
+    raise WorkdirError(f"{where} is not finished, and {needed_by} needs it",
+                       hint=f"add {stage} to --stages")
+  if changes:
+    raise WorkdirError(
+        f"{where} was built from other inputs than this config "
+        f"({'; '.join(changes[:3])}), and {needed_by} would use it",
+        hint=f"add {stage} to --stages to rebuild it, or use another --workdir")
+
+
+def _decide(workdir: str, stage: str, st: _State, changes: list[str], ups: list[str],
+            forced: bool) -> Step:
+  """The step of a selected stage (rules in the module docstring, in this order)."""
+  manifest, done = st.manifest, st.done
+  if ups:
+    return Step(stage, True, True, f"upstream {ups[0]} runs")
+  if forced:
+    return Step(stage, True, True, f"--force={stage} (its outputs and checkpoints are "
+                "removed first)")
+  if st.unreadable:
+    why = f"{st.unreadable}: counted as not finished"
+    return Step(stage, True, False, why, warning=why)
+  if (manifest is not None and changes and not done
+      and all(c.split(" ", 1)[0] in RESUMABLE for c in changes)):
+    note = _resume_note(workdir, stage) or "resumes from its checkpoints"
+    return Step(stage, True, False, f"not finished; {note} with " + "; ".join(changes))
+  if manifest is not None and changes:
+    return Step(stage, True, True, "inputs changed: " + "; ".join(changes[:4])
+                + (f" (+{len(changes) - 4} more)" if len(changes) > 4 else ""))
+  if st.damaged:
+    why = f"finished, but {st.damaged}: runs again"
+    return Step(stage, True, False, why, warning=why)
+  if not done:
+    note = _resume_note(workdir, stage) if manifest is not None else ""
+    return Step(stage, True, False, "not finished" + (f"; {note}" if note else ""))
+  if manifest is None:
+    return Step(stage, False, False,
+                f"finished, but no MANIFEST.json (an older lcrec-jax): its inputs are not "
+                f"checked; --force={stage} rebuilds it", unchecked=True)
+  return Step(stage, False, False, "finished with the same inputs")
 
 
 def plan(workdir: str, flat_config: Mapping[str, Any], stages: Sequence[str],
@@ -300,52 +488,31 @@ def plan(workdir: str, flat_config: Mapping[str, Any], stages: Sequence[str],
   """The decision for each of ``stages`` (pipeline order); see the module docstring.
 
   Upstream stages not in ``stages`` must be finished with the inputs of this config,
-  else :class:`WorkdirError`.
+  and their outputs as recorded, else :class:`WorkdirError`.
   """
   steps, running = [], set()
   for stage in STAGES:
     needed_by = [s for s in stages if stage in UPSTREAM[s]]
     if stage not in stages and not needed_by:
       continue
-    done = fs.exists(done_path(workdir, stage))
-    manifest = read_manifest(workdir, stage)
-    changes = _changes(workdir, stage, manifest, flat_config) if manifest else []
+    st = _stage_state(workdir, stage)
+    changes = (_changes(workdir, stage, st.manifest, flat_config)
+               if st.manifest else [])
     if stage not in stages:  # an input of a stage that runs: must be current
-      if not done:
-        raise WorkdirError(f"{stage_dir(workdir, stage)} is not finished, and "
-                           f"{needed_by[0]} needs it", hint=f"add {stage} to --stages")
-      if changes:
-        raise WorkdirError(
-            f"{stage_dir(workdir, stage)} was built from other inputs than this config "
-            f"({'; '.join(changes[:3])}), and {needed_by[0]} would use it",
-            hint=f"add {stage} to --stages to rebuild it, or use another --workdir")
+      _needed_input(workdir, stage, st, changes, needed_by[0])
       continue
-    ups = [u for u in UPSTREAM[stage] if u in running]
-    if ups:
-      step = Step(stage, True, True, f"upstream {ups[0]} runs")
-    elif (manifest is not None and changes and not done
-          and all(c.split(" ", 1)[0] in RESUMABLE for c in changes)):
-      step = Step(stage, True, False, "not finished; resumes from its checkpoints with "
-                  + "; ".join(changes))
-    elif manifest is not None and changes:
-      step = Step(stage, True, True, "inputs changed: " + "; ".join(changes[:4])
-                  + (f" (+{len(changes) - 4} more)" if len(changes) > 4 else ""))
-    elif stage in force:
-      step = Step(stage, True, False, f"--force={stage}" + (
-          " (resumes from its checkpoints)" if stage in ("index", "train") else ""))
-    elif not done:
-      step = Step(stage, True, False, "not finished" + (
-          "; resumes from its checkpoints" if manifest is not None else ""))
-    elif manifest is None:
-      step = Step(stage, False, False,
-                  f"finished, but no MANIFEST.json (an older lcrec-jax): its inputs are not "
-                  f"checked; --force={stage} rebuilds it", unchecked=True)
-    else:
-      step = Step(stage, False, False, "finished with the same inputs")
+    step = _decide(workdir, stage, st, changes, [u for u in UPSTREAM[stage] if u in running],
+                   stage in force)
     if step.run:
       running.add(stage)
     steps.append(step)
   return steps
+
+
+def start_stage(workdir: str, stage: str) -> None:
+  """Before a stage runs: its DONE marker goes (process 0), so a run killed from here on
+  leaves the stage unfinished whatever the old manifest said."""
+  fs.remove(done_path(workdir, stage))
 
 
 def clear_stage(workdir: str, stage: str) -> None:
@@ -357,3 +524,101 @@ def clear_stage(workdir: str, stage: str) -> None:
         logging.info("removing %s (built from other inputs)", p)
         p.rmtree()
   fs.barrier(f"clear_{stage}")
+
+
+def remove_leftovers(workdir: str) -> list[str]:
+  """Removes what killed runs leave behind (local workdirs; the caller holds the lock):
+  ``.tmp-*`` files of interrupted atomic writes (:mod:`lcrec_jax.fs`) and TFDS's
+  ``incomplete.*`` directories of an interrupted ``download_and_prepare``. Returns them."""
+  if fs.is_remote(workdir) or not os.path.isdir(workdir):
+    return []
+  import shutil  # pylint: disable=g-import-not-at-top
+  removed = []
+  for root, dirs, files in os.walk(workdir):
+    for d in list(dirs):
+      if d.startswith("incomplete."):
+        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+        dirs.remove(d)
+        removed.append(os.path.join(root, d))
+    for f in files:
+      if f.startswith(".tmp-"):
+        try:
+          os.remove(os.path.join(root, f))
+          removed.append(os.path.join(root, f))
+        except OSError:
+          pass
+  if removed:
+    logging.info("removed %d leftover(s) of an interrupted run: %s", len(removed),
+                 ", ".join(os.path.relpath(p, workdir) for p in removed[:5])
+                 + (" ..." if len(removed) > 5 else ""))
+  return removed
+
+
+def _set_dotted(config: Any, key: str, value: Any) -> None:
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  *parents, leaf = key.split(".")
+  node = config
+  for part in parents:
+    if part not in node or node[part] is None:
+      node[part] = ml_collections.ConfigDict()
+    node = node[part]
+  node[leaf] = value
+
+
+def resolved_config(workdir: str, stages: Sequence[str] = ("index", "train")
+                    ) -> tuple[Any, list[str]]:
+  """The run config a read-only consumer (``recommend``, a server) should use.
+
+  ``<workdir>/config.json`` (the config of the last accepted run) with every field the
+  finished ``stages`` read replaced by the value their manifests recorded: the model
+  and index were built from those, whatever a later run or a hand edit left in
+  config.json. Returns ``(ConfigDict, differences)``, ``differences`` naming each field
+  where config.json disagreed (``"tasks.max_history 2 in config.json, 20 in
+  model/MANIFEST.json"``).
+
+  Raises:
+    WorkdirError: config.json is missing or not a JSON object (one line naming it), or a
+      manifest is unreadable.
+  """
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  path = fs.join(workdir, "config.json")
+  if not fs.isfile(path):
+    raise WorkdirError(f"{path} not found: {workdir} is not a run directory",
+                       hint="run python -m lcrec_jax.main --config=... --workdir=... first")
+  try:
+    raw = fs.read_json(path)
+    if not isinstance(raw, dict):
+      raise ValueError("not a JSON object")
+  except (ValueError, UnicodeDecodeError) as e:
+    raise WorkdirError(f"{path}: not a valid run config ({e})",
+                       hint="re-run python -m lcrec_jax.main with the run's --config and "
+                            f"--workdir={workdir}: it rewrites the file") from None
+  config = ml_collections.ConfigDict(raw)
+  have = {k: _jsonable(v) for k, v in _flat_json(raw).items()}
+  diffs = []
+  for stage in stages:
+    m = read_manifest(workdir, stage)
+    if m is None:
+      continue
+    for key, value in m.get("reads", {}).items():
+      if have.get(key, "<unset>") != value:
+        if key in have:
+          rel = os.path.relpath(manifest_path(workdir, stage), workdir) if not \
+              fs.is_remote(workdir) else manifest_path(workdir, stage)
+          diffs.append(f"{key} {json.dumps(have[key])} in config.json, "
+                       f"{json.dumps(value)} in {rel}")
+        _set_dotted(config, key, value)
+        have[key] = value
+  return config, diffs
+
+
+def _flat_json(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Dotted leaves of a nested dict; a dict that the spec declares as a mapping value
+  (e.g. ``tasks.sample_nums``) is compared as a whole where a manifest records it."""
+  out = {}
+  for k, v in d.items():
+    key = prefix + k
+    out[key] = v
+    if isinstance(v, Mapping):
+      out.update(_flat_json(v, key + "."))
+  return out

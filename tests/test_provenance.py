@@ -76,7 +76,8 @@ def test_changed_inputs_and_force_rerun_exactly_the_dependent_stages(tmp_path):
   assert first["model"]["reads"]["train.lr"] == 2e-3
   assert "eval.num_beams" not in first["model"]["reads"]  # train does not read eval fields
   assert first["eval"]["upstream"]["train"].startswith("sha256:")
-  assert first["index"]["outputs"]["index.json"].startswith("sha256:")
+  assert first["index"]["outputs"]["index/index.json"]["sha256"].startswith("sha256:")
+  assert first["model"]["outputs"]["model/model.safetensors"]["size"] > 0
 
   # An eval field: only eval runs.
   log = _run(wd, emb, "--config.eval.seed=1")
@@ -101,7 +102,8 @@ def test_changed_inputs_and_force_rerun_exactly_the_dependent_stages(tmp_path):
 
   # --force=index: index, train and eval all run.
   log = _run(wd, emb, "--config.eval.seed=1", "--config.train.lr=1e-3", "--force=index")
-  assert _plan(log) == {"index": "run", "train": "run from scratch", "eval": "run from scratch"}
+  assert _plan(log) == {"index": "run from scratch", "train": "run from scratch",
+                        "eval": "run from scratch"}
   assert "upstream index runs" in log
   assert _manifest(wd, "model")["upstream"]["index"] != second["upstream"]["index"]
 

@@ -90,10 +90,11 @@ def test_force_reruns_the_stage_and_everything_downstream(tmp_path):
   wd, flat = str(tmp_path), _flat()
   for s in STAGES:
     _finish(wd, s, flat)
+  # --force is the start-over: the stage's outputs and checkpoints are removed first
   assert _decisions(wl.plan(wd, flat, STAGES, ["index"])) == {
-      "index": "run", "train": "scratch", "eval": "scratch"}
+      "index": "scratch", "train": "scratch", "eval": "scratch"}
   assert _decisions(wl.plan(wd, flat, STAGES, ["train"])) == {
-      "index": "reuse", "train": "run", "eval": "scratch"}
+      "index": "reuse", "train": "scratch", "eval": "scratch"}
 
 
 def test_rebuilt_upstream_makes_downstream_stale(tmp_path):
@@ -157,13 +158,22 @@ def test_workdir_without_manifests_is_reused_with_a_warning(tmp_path):
   assert _decisions(wl.plan(wd, flat, STAGES, ["train"]))["eval"] == "scratch"
 
 
-def test_unreadable_manifest_is_refused(tmp_path):
+def test_unreadable_manifest_counts_as_not_finished_so_a_rerun_or_force_repairs_it(tmp_path):
+  """A broken manifest must not block its own repair (issue 24, case 3): a plain re-run
+  runs the stage (with a warning naming the file), --force rebuilds it; a stage outside
+  --stages that needs it is one error naming the file."""
   wd, flat = str(tmp_path), _flat()
-  _finish(wd, "index", flat)
-  with open(wl.manifest_path(wd, "index"), "w") as f:
+  for s in STAGES:
+    _finish(wd, s, flat)
+  with open(wl.manifest_path(wd, "train"), "w") as f:
     f.write("{not json")
-  with pytest.raises(WorkdirError, match="MANIFEST.json: unreadable"):
-    wl.plan(wd, flat, STAGES, [])
+  steps = wl.plan(wd, flat, STAGES, [])
+  assert _decisions(steps) == {"index": "reuse", "train": "run", "eval": "scratch"}
+  assert "MANIFEST.json: unreadable" in steps[1].warning
+  assert "counted as not finished" in steps[1].reason
+  assert _decisions(wl.plan(wd, flat, STAGES, ["train"]))["train"] == "scratch"
+  with pytest.raises(WorkdirError, match=r"eval needs train, but .*MANIFEST.json: unreadable"):
+    wl.plan(wd, flat, ("eval",), [])
 
 
 def test_clear_stage_removes_its_directories_only(tmp_path):

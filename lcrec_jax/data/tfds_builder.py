@@ -67,6 +67,26 @@ def _example(user: int, history: np.ndarray, target: int) -> dict[str, Any]:
           "target": np.int32(target)}
 
 
+def prepare_quietly(builder: tfds.core.DatasetBuilder) -> None:
+  """``builder.download_and_prepare()`` without TFDS's stdout banner ("Downloading and
+  preparing dataset Unknown size ...", "Dataset ... downloaded and prepared") and, when
+  stderr is not a terminal (``nohup``, a pod worker, CI), without its tqdm bars: the
+  banner goes to the log at INFO instead."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from lcrec_jax import progress  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.core.utils import tqdm_utils  # pylint: disable=g-import-not-at-top
+  was = tqdm_utils._active  # pylint: disable=protected-access
+  tfds.display_progress_bar(was and progress.stderr_is_terminal())
+  builder._log_download_bytes = lambda: logging.info(  # pylint: disable=protected-access
+      "tfds: preparing %s in %s", builder.name, builder.data_dir)
+  builder._log_download_done = lambda: logging.info(  # pylint: disable=protected-access
+      "tfds: %s prepared", builder.name)
+  try:
+    builder.download_and_prepare()
+  finally:
+    tfds.display_progress_bar(was)
+
+
 class LcrecSplits(tfds.core.GeneratorBasedBuilder):
   """TFDS builder over one :class:`Dataset`'s leave-one-out split (see module docstring)."""
 
@@ -121,7 +141,7 @@ class LcrecSplits(tfds.core.GeneratorBasedBuilder):
 def write_tfds(dataset: Dataset, data_dir: str) -> LcrecSplits:
   """Write (or reuse, if already prepared) ``dataset``'s splits under ``data_dir``."""
   builder = LcrecSplits(dataset, data_dir=data_dir)
-  builder.download_and_prepare()
+  prepare_quietly(builder)
   return builder
 
 

@@ -43,7 +43,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from lcrec_jax import fs
+from lcrec_jax import fs, interrupt
 from lcrec_jax import progress as progress_lib
 from lcrec_jax.errors import ConfigError
 from lcrec_jax.index import assign
@@ -387,6 +387,7 @@ def _train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir
     meta["epoch"] = info.number
     mfile.flush(force=True)  # the rows up to a checkpoint are on disk before it
     _save(mngrs["latest"], info.number, loop.state, dict(meta))
+    interrupt.raise_if_requested()  # a Ctrl-C orbax swallowed while it waited on a save
 
   bar = progress_lib.Progress(epochs, "rqvae", "epoch", initial=start)
   loop = loop_lib.Loop(
@@ -404,6 +405,7 @@ def _train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir
     for m in mngrs.values():
       m.wait_until_finished()
       m.close()
+  interrupt.raise_if_requested()
   if start >= epochs:
     logging.info("rqvae: training already complete (%d epochs)", epochs)
   return model, state_variables(loop.state), history

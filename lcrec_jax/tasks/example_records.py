@@ -119,7 +119,7 @@ def write_examples(splits: Mapping[str, TokenizedExamples], data_dir: str
   Returns the prepared builder; ``builder.data_dir`` is what :func:`open_examples` takes.
   """
   builder = LcrecExamples(splits, data_dir=data_dir)
-  builder.download_and_prepare()
+  tfds_builder.prepare_quietly(builder)
   return builder
 
 

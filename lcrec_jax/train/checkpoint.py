@@ -39,15 +39,16 @@ def _reason(e: BaseException) -> str:
   return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
 
 
-def set_aside(directory: epath.Path, step: int) -> epath.Path:
-  """Renames ``directory/<step>`` to the first free ``directory/<step>.corrupt-<n>``."""
+def set_aside(directory: epath.Path, step: int, why: str = "corrupt") -> epath.Path:
+  """Renames ``directory/<step>`` to the first free ``directory/<step>.<why>-<n>``."""
+  directory = epath.Path(directory)
   n = 1
-  while (directory / f"{step}.corrupt-{n}").exists():
+  while (directory / f"{step}.{why}-{n}").exists():
     n += 1
-  dest = directory / f"{step}.corrupt-{n}"
+  dest = directory / f"{step}.{why}-{n}"
   if fs.is_primary():
     (directory / str(step)).rename(dest)
-  fs.barrier(f"checkpoint_set_aside_{step}_{n}")
+  fs.barrier(f"checkpoint_set_aside_{step}_{why}_{n}")
   return dest
 
 
@@ -155,6 +156,10 @@ class Checkpointer:
     return bool(self._manager.reached_preemption(step))
 
   # -- save / restore -----------------------------------------------------------------
+
+  def reload(self) -> None:
+    """Re-reads the step directories (after some were moved aside)."""
+    self._manager.reload()
 
   def latest_step(self) -> int | None:
     """The newest finished checkpoint's step, or None."""

@@ -47,7 +47,9 @@ from lcrec_jax import progress as progress_lib
 from lcrec_jax.errors import ConfigError
 from lcrec_jax.llm.config import DTYPES
 from lcrec_jax.llm.lora import LoraTree
+from lcrec_jax import interrupt
 from lcrec_jax.train import checkpoint as ckpt_lib
+from lcrec_jax.train import divergence
 from lcrec_jax.train import finite as finite_lib
 from lcrec_jax.train import loop as loop_lib
 from lcrec_jax.train import mesh as mesh_lib
@@ -160,6 +162,21 @@ def _ckpt_tree(state: state_lib.TrainState) -> dict[str, Any]:
           "rng": state.rng}
 
 
+def _after_divergence(train_dir: str, ckpt: ckpt_lib.Checkpointer) -> None:
+  """After a non-finite stop: moves the checkpoints whose loss is a spike aside, so the
+  restore takes the newest healthy one (:mod:`lcrec_jax.train.divergence`)."""
+  choice = divergence.choose(train_dir)
+  if choice is None:
+    return
+  logging.warning("train: %s", choice.describe())
+  for step, _ in choice.spikes:
+    ckpt_lib.set_aside(ckpt.directory, step, "spike")
+  ckpt.reload()
+  if fs.is_primary():
+    fs.remove(divergence.marker_path(train_dir))
+  fs.barrier("train_divergence_choice")
+
+
 def evaluate_loss(eval_fn: Callable, state: state_lib.TrainState, batches: Iterable[Batch],
                   mesh: jax.sharding.Mesh) -> dict[str, float]:
   """Mean label-token loss over `batches` (sum of losses / number of label tokens)."""
@@ -253,6 +270,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
 
   # --- state: fresh or restored ------------------------------------------------------
   state = None
+  _after_divergence(train_dir, ckpt)
   epoch, pos = 0, 0
   abstract = state_lib.abstract_state(shardings, boxed, tx, trainable_mask, params=params)
   # The newest checkpoint that loads (and is finite); broken ones are moved aside.
@@ -308,13 +326,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
     ckpt.wait()
     last = ckpt.latest_step()
     m = info.metrics
+    if is_main:  # the next run resumes from a checkpoint before the spike
+      divergence.write_marker(train_dir, info.step, float(m["loss"]), last)
     where = (f"the last checkpoint (finite) is step {last} under {ckpt.directory}"
              if last is not None else "no checkpoint was written yet")
     return NonFiniteLossError(
         f"train: {why} at step {info.step} (epoch {info.epoch}; loss {m['loss']}, gradient "
         f"norm {m['grad_norm']}); the update was not applied and training stops; {where}",
-        hint=("re-run with a lower --config.train.lr (it resumes from that checkpoint; if it "
-              f"diverges again at once, delete {train_dir} to start over), "
+        hint=("re-run with a lower --config.train.lr (it resumes from the newest checkpoint "
+              "whose loss is not a spike; --force=train starts over), "
               if last is not None else "re-run with a lower --config.train.lr, ")
              + "check the data, or set --config.train.on_nonfinite=skip")
 
@@ -369,12 +389,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
       step_hook(info.step, m)
 
   def save(info: loop_lib.StepInfo) -> None:
-    ckpt.save(info.step, _ckpt_tree(loop.state), info.data_position(), force=True)
+    loss = info.metrics.get("loss")  # read before the save (the loop delivers it first)
+    data = {**info.data_position(),
+            "loss": float(loss) if loss is not None and math.isfinite(loss) else None}
+    ckpt.save(info.step, _ckpt_tree(loop.state), data, force=True)
 
   def save_preempted(info: loop_lib.StepInfo) -> None:
     save(info)
-    logging.warning("train: preemption signal at step %d: checkpoint saved, stopping",
-                    info.step)
+    logging.warning("train: %s at step %d: checkpoint saved, stopping",
+                    "Ctrl-C" if interrupt.requested() else "preemption signal", info.step)
 
   ckpt.install_sigterm_handler()
   progress = progress_lib.Progress(num_steps, "train", "step", initial=step,
@@ -386,13 +409,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
       step_actions=[loop_lib.Periodic(save, every=ckpt.save_every, at_end=True),
                     loop_lib.Periodic(lambda info: run_evals(info.step),
                                       every=int(tc.get("eval_every", 0)), at_end=True)],
-      preempted=ckpt.reached_preemption, on_preempt=save_preempted, progress=progress)
+      preempted=lambda s: ckpt.reached_preemption(s) or interrupt.requested(),
+      on_preempt=save_preempted, progress=progress)
   try:
-    outcome = loop.run()
+    # Ctrl-C: the first one asks the loop to save at the next step and stop (orbax would
+    # swallow a KeyboardInterrupt raised while it waits for a save); a second one raises.
+    with interrupt.graceful():
+      outcome = loop.run()
     if outcome.steps_run == 0:  # resumed at the end: the final validation only
       run_evals(step)
   finally:  # the loop closed the progress report
     ckpt.close()
     writer.close()
+  interrupt.raise_if_requested()  # after the save: the next run resumes from it
   return TrainResult(state=loop.state, step=loop.step, history=history, evals=evals,
                      stopped_early=outcome.reason == "preempted", resumed_from=resumed_from)
