@@ -194,7 +194,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.max_users = 0                # 0 = every user; else a seeded sample
   c.eval.quick_users = 128            # users in the trainer's validation HR/NDCG
   c.eval.seed = 0
-  # protocol: False = every item ranked (LC-Rec's paper); True = each user's seen items
-  # banned inside the beam search (RecBole-style toolkits); results name it
+  # protocol: False = every item ranked (LC-Rec's paper; RecBole's full-sort evaluation of
+  # sequential models); True = each user's seen items banned inside the beam search;
+  # results name it
   c.eval.exclude_seen = False
   return c

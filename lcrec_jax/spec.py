@@ -250,7 +250,7 @@ KEYS: tuple[Key, ...] = (
         doc="evaluate() without a decoder: split each batch over every device; the eval "
             "stage always decodes on the training mesh its restored params live on"),
     Key("eval.exclude_seen", False, bool,
-        doc="ban each user's seen items inside the beam search (toolkit protocol)"),
+        doc="ban each user's seen items inside the beam search (seen items excluded)"),
 )
 BY_NAME: dict[str, Key] = {k.name: k for k in KEYS}
 

@@ -3,7 +3,7 @@
 Item embedding (dropout) -> ``num_layers`` GRUs over the user's last ``max_len`` items ->
 a dense layer back to the embedding width -> scores = state · item embeddings (shared
 input/output table), trained with cross-entropy over the whole catalogue at every position
-(RecBole's GRU4Rec with its ``CE`` loss: the setting its full-sort benchmarks use).
+(RecBole's GRU4Rec with its ``CE`` loss, its default).
 Training on length buckets, ranking on the device and model selection per protocol:
 :mod:`lcrec_jax.baselines.sequential`.
 

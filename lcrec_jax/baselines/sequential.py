@@ -11,11 +11,14 @@ bucket is filled with rows that carry no label).
 
 Ranking (:func:`rank_topk`) runs on the device in batches of users: the scores of a batch,
 ``[batch, items]``, never a ``[users, items]`` matrix, then ``jax.lax.top_k`` under both
-protocols at once: ``"unmasked"`` ranks every item (LC-Rec's paper), ``"masked"`` first
-removes each user's already-seen items (RecBole's full-sort evaluation). Ties go to the
-lower item number, as a stable sort would.
+protocols at once: ``"unmasked"`` ranks every item (LC-Rec's paper, and RecBole's full-sort
+evaluation of sequential models, which masks no history for them), ``"masked"`` first
+removes each user's already-seen items (what RecBole does for general recommenders). Ties go
+to the lower item number, as a stable sort would.
 
-Training is next-item cross-entropy over the whole catalogue at every position. Every
+Training is next-item cross-entropy over the whole catalogue on every target of every
+training sequence once per epoch (:func:`training_pairs`: windows of ``max_len`` targets,
+each row carrying the ``max_len - 1`` items before its window as unlabelled context). Every
 ``eval_every`` epochs the valid split is ranked under both protocols; each protocol keeps
 the parameters of its own best valid NDCG@10 (model selection under the protocol that is
 reported) and training stops when neither improved for ``patience`` evaluations.

@@ -10,9 +10,11 @@ protocols::
               "seed": 0, "data": {"name", "items", "valid_users", "test_users"}},
    "gru4rec": {... as sasrec ...}}
 
-``"unmasked"`` ranks every item (LC-Rec's paper; the eval stage's ``"all_items"``
-protocol); ``"masked"`` removes each user's already-seen items from the ranking
-(RecBole-style toolkits; the eval stage's ``"seen_excluded"``, ``eval.exclude_seen``).
+``"unmasked"`` ranks every item (LC-Rec's paper, and RecBole's full-sort evaluation of
+sequential models such as its SASRec and GRU4Rec; the eval stage's ``"all_items"``
+protocol); ``"masked"`` removes each user's already-seen items from the ranking (RecBole
+masks history only for general recommenders; the eval stage's ``"seen_excluded"``,
+``eval.exclude_seen``).
 MovieLens-100K has no repeated user-item pairs, so masking is a large, legitimate gain;
 compare each model only with peers under the same protocol.
 
