@@ -1,11 +1,12 @@
 """Training and full ranking shared by the sequential baselines (SASRec, GRU4Rec).
 
-Both models read a user's last ``max_len`` items, LEFT-padded (item ids shifted by one,
+Both models rank from a user's last ``max_len`` items (training rows are up to
+``2 * max_len - 1`` long, :func:`training_pairs`), LEFT-padded (item ids shifted by one,
 0 = padding), and give a ``[batch, len, dim]`` state whose dot product with the item
 embeddings scores every item (``model.scores``). Their outputs at real positions do not
 depend on how much padding precedes them, so sequences are grouped into length buckets
-(:func:`length_buckets`: 8, 16, 32, ... up to ``max_len``) instead of all being padded to
-``max_len``; on short-history data (median 4 items at Amazon scale) this skips most of the
+(:func:`length_buckets`: 8, 16, 32, ... up to the longest row) instead of all being padded
+to one length; on short-history data (median 4 items at Amazon scale) this skips most of the
 work. Each bucket compiles once; batches have a fixed number of rows (the last batch of a
 bucket is filled with rows that carry no label).
 
