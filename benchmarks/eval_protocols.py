@@ -5,8 +5,9 @@
 
 Loads the run's exported model (``<workdir>/model``), config, dataset and index, and runs
 the eval stage's evaluation (the run's ``eval`` settings: templates, modes, users) twice:
-``eval.exclude_seen=False`` (every item ranked, LC-Rec's paper) and ``True`` (each user's
-seen items banned inside the constrained beam search, the toolkits' protocol). With
+``eval.exclude_seen=False`` (every item ranked: LC-Rec's paper, and RecBole's full-sort
+evaluation of sequential models) and ``True`` (each user's seen items banned inside the
+constrained beam search). With
 ``--num_beams`` equal to the catalogue size the beam search ranks every item exactly.
 Prints both tables, one line per protocol with the baselines of
 ``<workdir>/baselines/results.json`` when that stage has run, and writes everything to

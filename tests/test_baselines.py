@@ -87,6 +87,76 @@ def test_bucketed_batches_equal_max_len_padding(index):
   np.testing.assert_allclose(np.asarray(h8), np.asarray(h32), atol=1e-5)
 
 
+def _unique_sequences(lengths, max_item=10_000):
+  """Sequences whose items are all distinct, so a label names its (sequence, index)."""
+  out, start = [], 0
+  for n in lengths:
+    out.append(np.arange(start, start + n) % max_item)
+    start += n
+  return out
+
+
+def test_training_pairs_every_target_once_with_its_previous_max_len_items():
+  """Brute force: target s[i] must be labelled once, after exactly s[i - L:i] (or all of
+  s[:i]), the row's items before it being a contiguous run of s ending at s[i - 1]."""
+  L = 4
+  seqs = _unique_sequences([0, 1, 2, 3, 4, 5, 8, 9, 12, 17])
+  inputs, labels = sequential.training_pairs(seqs, L)
+  where = {int(it): (u, i) for u, s in enumerate(seqs) for i, it in enumerate(s)}
+  seen = []
+  for x, y in zip(inputs, labels):
+    assert len(x) == len(y) <= sequential.window_len(L) and (y >= 0).any()
+    assert (y[:-L] == -1).all()                       # labels only on the last L positions
+    for p in np.flatnonzero(y >= 0):
+      u, i = where[int(y[p])]
+      s = seqs[u]
+      before = x[:p + 1]
+      np.testing.assert_array_equal(before, s[i - len(before):i])  # contiguous, ends at s[i-1]
+      np.testing.assert_array_equal(before[-L:], s[max(0, i - L):i])
+      seen.append((u, i))
+  want = [(u, i) for u, s in enumerate(seqs) for i in range(1, len(s))]
+  assert sorted(seen) == want                          # every target, exactly once
+
+
+def test_one_epoch_of_batches_labels_every_target_once():
+  """Through epoch_batches + make_batch (buckets, padding rows): the labels of one epoch
+  are the targets, once each, and the loss ignores the context positions."""
+  L = 8
+  seqs = _unique_sequences([2, 5, 9, 16, 17, 30, 41], max_item=200)
+  inputs, labels = sequential.training_pairs(seqs, L)
+  buckets = sequential.length_buckets(sequential.window_len(L))
+  lengths = np.asarray([len(x) for x in inputs])
+  got = []
+  for b, idx in sequential.epoch_batches(lengths, 3, buckets, np.random.default_rng(0)):
+    x, y = sequential.make_batch(inputs, labels, idx, b)
+    assert x.shape == y.shape == (3, b) and (y[:, :-L] == -1).all()
+    got += y[y >= 0].tolist()
+  assert sorted(got) == sorted(int(t) for s in seqs for t in s[1:])
+
+
+def test_sasrec_attention_band_and_label_span_loss():
+  """One block, no dropout: the state at position p ignores items more than max_len - 1
+  before it; the loss over the last max_len positions equals the loss over all of them
+  when labels lie only there."""
+  L = 4
+  model = sasrec.SASRec(30, L, dim=16, num_blocks=1, num_heads=2, dropout=0.0, inner=32,
+                        act="gelu")
+  rng = np.random.default_rng(3)
+  x = rng.integers(1, 31, size=(2, 2 * L - 1)).astype(np.int32)
+  params = model.init(jax.random.PRNGKey(0), x, train=False)["params"]
+  h = np.asarray(model.apply({"params": params}, x, train=False))
+  x2 = x.copy()
+  x2[:, 0] = x[:, 0] % 30 + 1            # another item at position 0: in the band of 0..L-1
+  h2 = np.asarray(model.apply({"params": params}, x2, train=False))
+  np.testing.assert_allclose(h2[:, L:], h[:, L:], atol=1e-5)
+  assert np.abs(h2[:, :L] - h[:, :L]).max(axis=(0, 2)).min() > 1e-4
+  y = np.full(x.shape, -1, np.int32)
+  y[:, -L:] = rng.integers(0, 30, size=(2, L))
+  full = sequential.loss_fn(model, params, x, y, train=False)
+  span = sequential.loss_fn(model, params, x, y, train=False, label_span=L)
+  np.testing.assert_allclose(float(span), float(full), rtol=1e-6)
+
+
 def test_epoch_batches_cover_every_row_once_in_its_bucket():
   lengths = np.array([1, 3, 8, 9, 16, 17, 50, 49, 2, 33])
   buckets = sequential.length_buckets(50)
@@ -163,6 +233,8 @@ def test_stage_writes_each_model_when_it_finishes_and_resumes(tmp_path, monkeypa
   with open(path) as f:
     assert json.load(f).keys() == out.keys() == {"popularity", "gru4rec"}
   assert out["gru4rec"]["epochs_run"] == 2 and out["gru4rec"]["seconds"] > 0
+  assert out["gru4rec"]["seed"] == 0 and out["gru4rec"]["data"] == {
+      "name": "cycle", "items": 20, "valid_users": 40, "test_users": 40}
   for protocol in ("unmasked", "masked"):
     assert set(out["gru4rec"][protocol]) == {"valid", "test", "best_epoch"}
   lines = stage_lib.summary_lines(out)

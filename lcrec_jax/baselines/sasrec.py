@@ -8,9 +8,13 @@ be markedly stronger; Klenitskiy & Vasilev, RecSys 2023). Training on length buc
 ranking on the device and model selection per protocol:
 :mod:`lcrec_jax.baselines.sequential`.
 
-Positions count back from the last item (the last one is always position ``max_len - 1``),
-so a left-padded sequence gives the same states at its real positions whatever the padded
-length: a bucket of 8 equals the classic fixed ``max_len`` padding.
+Positions count back from the last item of a row (the last one always has the table's last
+position), so a left-padded sequence gives the same states at its real positions whatever
+the padded length: a bucket of 8 equals the classic fixed ``max_len`` padding. Training rows
+are windows of up to ``2 * max_len - 1`` items (:func:`sequential.training_pairs`), so the
+table has that many positions and attention is banded: a position attends to itself and
+the ``max_len - 1`` items before it, the input RecBole gives each target. Ranking reads the
+last ``<= max_len`` items, where the band changes nothing.
 """
 
 from __future__ import annotations
@@ -35,35 +39,40 @@ class SASRec(nn.Module):
   num_blocks: int = 2
   num_heads: int = 1
   dropout: float = 0.2
+  inner: int = 0          # feed-forward width; 0 = dim
+  act: str = "relu"       # relu | gelu
 
   def setup(self):
     self.item_emb = nn.Embed(self.num_items + 1, self.dim,
                              embedding_init=nn.initializers.normal(1.0 / math.sqrt(self.dim)))
-    self.pos_emb = nn.Embed(self.max_len, self.dim)
+    self.pos_emb = nn.Embed(sequential.window_len(self.max_len), self.dim)
     self.attn = [nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dropout_rate=self.dropout)
                  for _ in range(self.num_blocks)]
     self.ln_attn = [nn.LayerNorm() for _ in range(self.num_blocks)]
     self.ln_ff = [nn.LayerNorm() for _ in range(self.num_blocks)]
-    self.ff_in = [nn.Dense(self.dim) for _ in range(self.num_blocks)]
+    self.ff_in = [nn.Dense(self.inner or self.dim) for _ in range(self.num_blocks)]
     self.ff_out = [nn.Dense(self.dim) for _ in range(self.num_blocks)]
     self.ln_out = nn.LayerNorm()
     self.drop = nn.Dropout(self.dropout)
 
   def __call__(self, seq: jax.Array, *, train: bool) -> jax.Array:
     """``seq [batch, len]`` (left-padded, 0 = pad) -> ``[batch, len, dim]``."""
-    if seq.shape[1] > self.max_len:
-      raise ValueError(f"SASRec: {seq.shape[1]} positions, more than max_len={self.max_len}")
+    width = sequential.window_len(self.max_len)
+    if seq.shape[1] > width:
+      raise ValueError(f"SASRec: {seq.shape[1]} positions, more than 2 * max_len - 1 = {width}")
     valid = (seq > 0)[..., None]
-    pos = jnp.arange(seq.shape[1]) + (self.max_len - seq.shape[1])  # last item: max_len - 1
-    x = self.item_emb(seq) * math.sqrt(self.dim) + self.pos_emb(pos)
+    t = jnp.arange(seq.shape[1])
+    x = self.item_emb(seq) * math.sqrt(self.dim) + self.pos_emb(t + (width - seq.shape[1]))
     x = self.drop(x, deterministic=not train) * valid
-    mask = nn.make_attention_mask(seq > 0, seq > 0) * nn.make_causal_mask(seq)
+    band = (t[:, None] - t[None, :]) < self.max_len                      # [T, T]
+    mask = nn.make_attention_mask(seq > 0, seq > 0) * nn.make_causal_mask(seq) * band
+    act = {"relu": nn.relu, "gelu": nn.gelu}[self.act]
     for i in range(self.num_blocks):
       q = self.ln_attn[i](x)
       x = x + self.drop(self.attn[i](q, x, mask=mask, deterministic=not train),
                         deterministic=not train)
       h = self.ln_ff[i](x)
-      h = self.ff_out[i](self.drop(nn.relu(self.ff_in[i](h)), deterministic=not train))
+      h = self.ff_out[i](self.drop(act(self.ff_in[i](h)), deterministic=not train))
       x = (x + self.drop(h, deterministic=not train)) * valid
     return self.ln_out(x)
 
@@ -74,15 +83,18 @@ class SASRec(nn.Module):
 
 @dataclasses.dataclass
 class SASRecConfig:
-  max_len: int = 200
+  """Defaults: RecBole 1.2.1's SASRec and training settings (BENCHMARKS compares them)."""
+  max_len: int = 50
   dim: int = 64
   num_blocks: int = 2
-  num_heads: int = 1
-  dropout: float = 0.2
+  num_heads: int = 2
+  dropout: float = 0.5
+  inner: int = 256     # feed-forward width; 0 = dim
+  act: str = "gelu"    # relu | gelu
   lr: float = 1e-3
-  batch_size: int = 128
-  epochs: int = 200
-  eval_every: int = 5
+  batch_size: int = 64  # training windows (each up to max_len targets) per step
+  epochs: int = 300
+  eval_every: int = 1
   patience: int = 10   # evaluations without improvement (either protocol) before stopping
 
 
@@ -92,6 +104,6 @@ def train_and_evaluate(dataset: Dataset, cfg: SASRecConfig, seed: int = 0) -> di
   See :func:`lcrec_jax.baselines.sequential.train_and_evaluate` for the result layout.
   """
   model = SASRec(dataset.num_items, cfg.max_len, cfg.dim, cfg.num_blocks, cfg.num_heads,
-                 cfg.dropout)
+                 cfg.dropout, cfg.inner, cfg.act)
   out = sequential.train_and_evaluate(model, cfg, dataset, name="sasrec", seed=seed)
   return {**out, "config": dataclasses.asdict(cfg)}

@@ -1,21 +1,25 @@
 """Training and full ranking shared by the sequential baselines (SASRec, GRU4Rec).
 
-Both models read a user's last ``max_len`` items, LEFT-padded (item ids shifted by one,
+Both models rank from a user's last ``max_len`` items (training rows are up to
+``2 * max_len - 1`` long, :func:`training_pairs`), LEFT-padded (item ids shifted by one,
 0 = padding), and give a ``[batch, len, dim]`` state whose dot product with the item
 embeddings scores every item (``model.scores``). Their outputs at real positions do not
 depend on how much padding precedes them, so sequences are grouped into length buckets
-(:func:`length_buckets`: 8, 16, 32, ... up to ``max_len``) instead of all being padded to
-``max_len``; on short-history data (median 4 items at Amazon scale) this skips most of the
+(:func:`length_buckets`: 8, 16, 32, ... up to the longest row) instead of all being padded
+to one length; on short-history data (median 4 items at Amazon scale) this skips most of the
 work. Each bucket compiles once; batches have a fixed number of rows (the last batch of a
 bucket is filled with rows that carry no label).
 
 Ranking (:func:`rank_topk`) runs on the device in batches of users: the scores of a batch,
 ``[batch, items]``, never a ``[users, items]`` matrix, then ``jax.lax.top_k`` under both
-protocols at once: ``"unmasked"`` ranks every item (LC-Rec's paper), ``"masked"`` first
-removes each user's already-seen items (RecBole's full-sort evaluation). Ties go to the
-lower item number, as a stable sort would.
+protocols at once: ``"unmasked"`` ranks every item (LC-Rec's paper, and RecBole's full-sort
+evaluation of sequential models, which masks no history for them), ``"masked"`` first
+removes each user's already-seen items (what RecBole does for general recommenders). Ties go
+to the lower item number, as a stable sort would.
 
-Training is next-item cross-entropy over the whole catalogue at every position. Every
+Training is next-item cross-entropy over the whole catalogue on every target of every
+training sequence once per epoch (:func:`training_pairs`: windows of ``max_len`` targets,
+each row carrying the ``max_len - 1`` items before its window as unlabelled context). Every
 ``eval_every`` epochs the valid split is ranked under both protocols; each protocol keeps
 the parameters of its own best valid NDCG@10 (model selection under the protocol that is
 reported) and training stops when neither improved for ``patience`` evaluations.
@@ -72,11 +76,41 @@ def left_pad(seqs: Sequence[np.ndarray], length: int) -> np.ndarray:
   return out
 
 
+def window_len(max_len: int) -> int:
+  """Longest training row: ``max_len - 1`` context items + ``max_len`` labelled positions."""
+  return 2 * max_len - 1
+
+
 def training_pairs(train: Sequence[np.ndarray], max_len: int
                    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-  """Inputs ``s[:-1]`` and next-item targets ``s[1:]``, each cut to the last ``max_len``."""
-  seqs = [np.asarray(s) for s in train if len(s) >= 2]
-  return [s[:-1][-max_len:] for s in seqs], [s[1:][-max_len:] for s in seqs]
+  """Rows that train every next-item target of every sequence exactly once.
+
+  A sequence ``s`` of ``n`` items has ``n - 1`` targets ``s[1:]``. They are cut into
+  consecutive windows of ``max_len`` targets (stride ``max_len``); the window of targets
+  ``s[a:b]`` becomes one row of inputs ``s[max(0, a - max_len):b - 1]`` with labels at the
+  positions of ``s[a - 1:b - 1]`` (label ``s[i]`` at the position of ``s[i - 1]``) and ``-1``
+  on the ``<= max_len - 1`` context items before them. So every target's ``max_len``
+  preceding items (all of them when fewer) sit in its row before it, a window boundary cuts
+  no target's context, and a causal model trains each target once per epoch, as RecBole's
+  one-row-per-target augmentation does, at about ``1/max_len`` of its cost. Labels further
+  into a window can see up to ``2 * max_len - 1`` items (SASRec bands its attention to
+  ``max_len``, see :mod:`lcrec_jax.baselines.sasrec`).
+
+  Returns:
+    ``(inputs, labels)``: per row ``[len]`` item numbers and ``[len]`` next items
+    (``-1`` = no label), ``len <= window_len(max_len)``; rows in sequence order.
+  """
+  inputs, labels = [], []
+  for s in train:
+    s = np.asarray(s, np.int64)
+    for a in range(1, len(s), max_len):          # first target of each window
+      b = min(a + max_len, len(s))               # targets s[a:b]
+      c = max(0, a - max_len)                    # context starts here
+      inputs.append(s[c:b - 1])
+      lab = np.full(b - 1 - c, -1, np.int64)
+      lab[a - 1 - c:] = s[a:b]
+      labels.append(lab)
+  return inputs, labels
 
 
 def epoch_batches(lengths: np.ndarray, batch_size: int, buckets: Sequence[int],
@@ -112,11 +146,18 @@ def make_batch(inputs: Sequence[np.ndarray], targets: Sequence[np.ndarray], idx:
 
 
 def loss_fn(model: nn.Module, params: Any, x: jax.Array, y: jax.Array, *, train: bool,
-            rng: jax.Array | None = None) -> jax.Array:
-  """Mean next-item cross-entropy over the labelled positions of ``x, y [batch, len]``."""
+            rng: jax.Array | None = None, label_span: int | None = None) -> jax.Array:
+  """Mean next-item cross-entropy over the labelled positions of ``x, y [batch, len]``.
+
+  ``label_span``: labels occur only on the last ``label_span`` positions (``max_len`` for
+  :func:`training_pairs` rows), so scores are computed there only; ``None`` = everywhere.
+  """
   rngs = {"dropout": rng} if train else None
   h = model.apply({"params": params}, x, train=train, rngs=rngs)
-  logits = model.apply({"params": params}, h, method="scores")           # [B, T, N]
+  # labels sit on a row's last <= label_span positions (training_pairs): no logits for context
+  if label_span is not None:
+    h, y = h[:, -label_span:], y[:, -label_span:]
+  logits = model.apply({"params": params}, h, method="scores")           # [B, T', N]
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(y, 0))
   w = (y >= 0).astype(jnp.float32)
   return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
@@ -210,7 +251,7 @@ def train_and_evaluate(model: nn.Module, cfg: Any, dataset: Dataset, *, name: st
   t0 = time.perf_counter()
   split = dataset.split()
   n = dataset.num_items
-  buckets = length_buckets(cfg.max_len)
+  buckets = length_buckets(window_len(cfg.max_len))
   inputs, targets = training_pairs(split.train, cfg.max_len)
   lengths = np.asarray([len(s) for s in inputs])
   steps_per_epoch = len(epoch_batches(lengths, cfg.batch_size, buckets, np.random.default_rng()))
@@ -226,7 +267,7 @@ def train_and_evaluate(model: nn.Module, cfg: Any, dataset: Dataset, *, name: st
     (params, opt_state, key), (x, y) = state, xy
     key, rng = jax.random.split(key)
     loss, grads = jax.value_and_grad(
-        lambda p: loss_fn(model, p, x, y, train=True, rng=rng))(params)
+        lambda p: loss_fn(model, p, x, y, train=True, rng=rng, label_span=cfg.max_len))(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state, key), {"loss": loss}
 
@@ -247,7 +288,7 @@ def train_and_evaluate(model: nn.Module, cfg: Any, dataset: Dataset, *, name: st
     nonlocal bad
     params, valid = loop.state[0], evaluate(loop.state[0], split.valid)
     history.append({"epoch": info.number, "loss": info.mean("loss"),
-                    **{p: valid[p] for p in PROTOCOLS}})
+                    "seconds": time.perf_counter() - t0, **{p: valid[p] for p in PROTOCOLS}})
     improved = False
     for p in PROTOCOLS:
       if valid[p]["NDCG@10"] > best[p][0]:

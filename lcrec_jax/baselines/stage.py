@@ -4,14 +4,17 @@ Writes ``<workdir>/baselines/results.json``, one entry per model, each under bot
 protocols::
 
   {"popularity": {"unmasked": {"valid": {...}, "test": {...}}, "masked": {...},
-                  "seconds": ...},
+                  "seconds": ..., "seed": 0, "data": {...}},
    "sasrec": {"unmasked": {"valid", "test", "best_epoch"}, "masked": {...},
-              "history": [...], "config": {...}, "epochs_run": ..., "seconds": ...},
+              "history": [...], "config": {...}, "epochs_run": ..., "seconds": ...,
+              "seed": 0, "data": {"name", "items", "valid_users", "test_users"}},
    "gru4rec": {... as sasrec ...}}
 
-``"unmasked"`` ranks every item (LC-Rec's paper; the eval stage's ``"all_items"``
-protocol); ``"masked"`` removes each user's already-seen items from the ranking
-(RecBole-style toolkits; the eval stage's ``"seen_excluded"``, ``eval.exclude_seen``).
+``"unmasked"`` ranks every item (LC-Rec's paper, and RecBole's full-sort evaluation of
+sequential models such as its SASRec and GRU4Rec; the eval stage's ``"all_items"``
+protocol); ``"masked"`` removes each user's already-seen items from the ranking (RecBole
+masks history only for general recommenders; the eval stage's ``"seen_excluded"``,
+``eval.exclude_seen``).
 MovieLens-100K has no repeated user-item pairs, so masking is a large, legitimate gain;
 compare each model only with peers under the same protocol.
 
@@ -66,6 +69,13 @@ RUNNERS = {"popularity": _popularity,
            "gru4rec": _sequential(gru4rec, gru4rec.GRU4RecConfig, "gru4rec")}
 
 
+def data_summary(dataset: Dataset) -> dict[str, Any]:
+  """What a like-for-like comparison must share: the dataset and its split's users."""
+  split = dataset.split()
+  return {"name": dataset.name, "items": int(dataset.num_items),
+          "valid_users": len(split.valid), "test_users": len(split.test)}
+
+
 def configured_models(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """``baseline.models`` (default: all of :data:`MODELS`), checked."""
   bc = config.get("baseline", ml_collections.ConfigDict())
@@ -109,7 +119,8 @@ def run_baseline_stage(config: ml_collections.ConfigDict, workdir: str, dataset:
       continue
     t0 = time.perf_counter()
     out[model] = RUNNERS[model](dataset, config)
-    out[model]["seconds"] = time.perf_counter() - t0
+    out[model].update(seconds=time.perf_counter() - t0, seed=int(config.seed),
+                      data=data_summary(dataset))
     fs.write_json(path, out, indent=2)  # after every model; atomic; process 0 only
     for line in summary_lines({model: out[model]}):
       logging.info("%s (%.0f s)", line, out[model]["seconds"])

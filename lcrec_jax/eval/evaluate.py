@@ -14,8 +14,9 @@ beams that spell no item count as misses). The share of non-empty beams that are
 items is reported per mode: 1.0 for the trie by construction.
 
 Protocols (``eval.exclude_seen``), named in ``results[split]["protocol"]`` and never
-mixed: ``"all_items"`` (False, LC-Rec's paper: every item is ranked, seen ones included)
-and ``"seen_excluded"`` (True, RecBole-style toolkits: each user's history items are
+mixed: ``"all_items"`` (False: every item is ranked, seen ones included; LC-Rec's paper,
+and RecBole's full-sort evaluation of sequential models) and ``"seen_excluded"`` (True;
+RecBole masks history this way for general recommenders only: each user's history items are
 banned inside the constrained beam search, :func:`constrained_beam_search` ``banned``, so
 every beam is an unseen item; the position mask, which has no items, drops them after the
 search). Under ``"all_items"`` the seen items dropped from the finished beams are also

@@ -93,6 +93,8 @@ def run_eval_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Dat
                                     config.tasks, decoder=evaluate_lib.Decoder(
                                         model, tokenizer, index, config.tasks.buckets,
                                         mesh=params_mesh(params)))
+    # the run's seeds, so that lcrec_jax/eval/quality_table.py can average over runs
+    results["seed"] = {"seed": int(config.seed), "train_seed": int(config.train.seed)}
     evaluate_lib.write_results(results, workdir)  # process 0 only
     fs.barrier("eval_stage_written")
   text = report.format_results(results)
