@@ -147,6 +147,8 @@ KEYS: tuple[Key, ...] = (
     Key("tasks.buckets", (128, 192, 256, 384), tuple, check=_each(_POS)),
     Key("tasks.add_bos", None, bool, nullable=True, doc="None = the tokenizer's choice"),
     Key("tasks.history_loss_tasks", ("seqrec", "fusionseqrec"), tuple, TASK_NAMES),
+    Key("tasks.pack_length", 0, int, check=_NONNEG,
+        doc="> 0: pack training examples into rows of this many tokens (segment ids); 0 = off"),
     Key("tasks.text_budget.title", 0, int, check=_NONNEG,
         doc="UTF-8 bytes an item title keeps in prompts; 0 = no cut"),
     Key("tasks.text_budget.description", 0, int, check=_NONNEG),
@@ -427,6 +429,13 @@ def _check_cross(c: ml_collections.ConfigDict, num_devices: int | None) -> None:
                 f"cannot hold the labels of the history loss (tasks.history_loss_tasks="
                 f"{history}): up to (max_history + 1) x (levels + EOS) = {need} per example; "
                 "raise it or set 0 (every position)")
+  pack = c.tasks.pack_length
+  if pack and pack < buckets[-1]:
+    raise _fail("tasks.pack_length", pack, f"must be 0 (off) or >= the largest bucket "
+                f"(tasks.buckets={tuple(buckets)})")
+  if pack and slots:
+    raise _fail("train.max_label_tokens", slots, "must be 0 (every position) with "
+                "tasks.pack_length > 0: a packed row holds the labels of several examples")
   if slots > buckets[-1]:
     raise _fail("train.max_label_tokens", slots,
                 f"more label slots than the longest bucket (tasks.buckets={tuple(buckets)})")
