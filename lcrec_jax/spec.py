@@ -147,6 +147,8 @@ KEYS: tuple[Key, ...] = (
     Key("tasks.buckets", (128, 192, 256, 384), tuple, check=_each(_POS)),
     Key("tasks.add_bos", None, bool, nullable=True, doc="None = the tokenizer's choice"),
     Key("tasks.history_loss_tasks", ("seqrec", "fusionseqrec"), tuple, TASK_NAMES),
+    Key("tasks.seqrec_windows", False, bool,
+        doc="seqrec as consecutive windows of max_history + 1 items (stride = window)"),
     Key("tasks.pack_length", 0, int, check=_NONNEG,
         doc="> 0: pack training examples into rows of this many tokens (segment ids); 0 = off"),
     Key("tasks.text_budget.title", 0, int, check=_NONNEG,
@@ -429,6 +431,9 @@ def _check_cross(c: ml_collections.ConfigDict, num_devices: int | None) -> None:
                 f"cannot hold the labels of the history loss (tasks.history_loss_tasks="
                 f"{history}): up to (max_history + 1) x (levels + EOS) = {need} per example; "
                 "raise it or set 0 (every position)")
+  if c.tasks.seqrec_windows and "seqrec" not in history:
+    raise _fail("tasks.seqrec_windows", True, "needs 'seqrec' in tasks.history_loss_tasks: "
+                "a window trains its history items only as history-loss labels")
   pack = c.tasks.pack_length
   if pack and pack < buckets[-1]:
     raise _fail("tasks.pack_length", pack, f"must be 0 (off) or >= the largest bucket "

@@ -40,7 +40,8 @@ def _examples(config: ml_collections.ConfigDict, dataset: Dataset, index: ItemIn
       dataset, index, tc.names, sample_nums=tc.sample_nums,
       prompt_sample_nums=tc.prompt_sample_nums, seed=config.seed, max_history=tc.max_history,
       preference_from=tc.preference_from,
-      text_budget=text_budget.TextBudget.from_config(tc.text_budget), show_progress=True)
+      text_budget=text_budget.TextBudget.from_config(tc.text_budget), show_progress=True,
+      seqrec_windows=bool(tc.get("seqrec_windows", False)))
 
 
 def _corpus(examples) -> list[str]:
