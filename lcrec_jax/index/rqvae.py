@@ -45,6 +45,7 @@ than the nearest code. Batch norm and dropout follow LC-Rec's MLP: ``[dropout] d
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Sequence
 
 import flax
@@ -303,6 +304,7 @@ def cf_infonce(z_q: jax.Array, cf: jax.Array) -> jax.Array:
   return jnp.mean(jax.nn.logsumexp(logits, axis=1) - jnp.diagonal(logits))
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3))
 def cluster_codes(key: jax.Array, codebook: jax.Array, n_clusters: int,
                   iters: int = 20) -> jax.Array:
   """``[K]`` int32 cluster of every code of one level (k-means of the code vectors).
