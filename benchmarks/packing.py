@@ -9,6 +9,8 @@ one device) on the batches the train stage would feed, with and without packing:
 
   unpacked        one example per row, each in its bucket (128 / 192 / 256 / 384), today
   packed:<L>      examples packed first-fit into rows of <= L tokens (segment ids)
+  bucket:<L>      packed first-fit, a row holding up to its opening example's bucket
+                  length (tasks.pack_rows=bucket): rows never longer than unpacked ones
 
 Every shape is compiled before timing. Modes alternate in blocks so load from other
 processes hits them alike; per mode the median step time is reported with real (non-pad)
@@ -16,7 +18,7 @@ tokens/s, examples/s, steps and examples per 10 minutes, and the fraction of row
 that are padding. Run it through the heavy lock on the shared CPU:
 
   flock /tmp/lcrec-heavy.lock nice -n 5 python benchmarks/packing.py \
-      --workdir=/tmp/levers/quick --modes=unpacked,packed:384,packed:512
+      --workdir=/tmp/levers/quick --modes=unpacked,packed:384,packed:512,bucket:384
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def _parse() -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", required=True, help="a quick-recipe workdir after its train "
                  "stage wrote train/examples and train/tokenizer")
-  p.add_argument("--modes", default="unpacked,packed:384,packed:512")
+  p.add_argument("--modes", default="unpacked,packed:384,packed:512,bucket:384")
   p.add_argument("--batch", type=int, default=16, help="rows per step (train.batch_size)")
   p.add_argument("--steps", type=int, default=12, help="timed steps per block per mode")
   p.add_argument("--blocks", type=int, default=2)
@@ -74,11 +76,13 @@ def _inputs(workdir: str):
 
 
 def _mode(name: str, examples: str, code_ids: np.ndarray):
-  pack = int(name.split(":")[1]) if name.startswith("packed:") else 0
+  kind, _, length = name.partition(":")
+  pack = int(length) if kind in ("packed", "bucket") else 0
   b = grain_batches.GrainBatcher(examples, "train", batch_size=ARGS.batch,
                                  prompt_label_ids=code_ids,
                                  prompt_label_tasks=("seqrec", "fusionseqrec"),
-                                 num_threads=0, pack_length=pack, seed=ARGS.seed)
+                                 num_threads=0, pack_length=pack, seed=ARGS.seed,
+                                 pack_rows="bucket" if kind == "bucket" else "fixed")
   return b, pack > 0
 
 

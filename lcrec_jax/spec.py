@@ -159,6 +159,8 @@ KEYS: tuple[Key, ...] = (
         doc="seqrec as consecutive windows of max_history + 1 items (stride = window)"),
     Key("tasks.pack_length", 0, int, check=_NONNEG,
         doc="> 0: pack training examples into rows of this many tokens (segment ids); 0 = off"),
+    Key("tasks.pack_rows", "fixed", str, ("fixed", "bucket"),
+        doc="packed rows: fixed = pack_length each; bucket = the opening example's bucket"),
     Key("tasks.text_budget.title", 0, int, check=_NONNEG,
         doc="UTF-8 bytes an item title keeps in prompts; 0 = no cut"),
     Key("tasks.text_budget.description", 0, int, check=_NONNEG),

@@ -87,7 +87,8 @@ NO_EFFECT = frozenset((
 # behaviour before they existed: a manifest without the field reads as that value, so a
 # default-off option does not re-run finished stages of older workdirs.
 ADDED_DEFAULTS: dict[str, Any] = {
-    "tasks.pack_length": 0, "tasks.seqrec_windows": False,          # issue 23 levers
+    "tasks.pack_length": 0, "tasks.pack_rows": "fixed",              # issue 23 levers
+    "tasks.seqrec_windows": False,
     "rqvae.cf_weight": 0.0, "rqvae.cf_embeddings": "", "rqvae.diversity_weight": 0.0,
     "rqvae.diversity_clusters": 10,
 }

@@ -125,6 +125,7 @@ def test_no_attention_across_segments(model_and_params):
 
 
 def _first_fit_reference(lengths, order, cap):
+  """Rows of example ids; `cap(length)` is the capacity of a row its example opens."""
   rows, room = [], []
   for i in order:
     for r in range(len(rows)):
@@ -134,7 +135,7 @@ def _first_fit_reference(lengths, order, cap):
         break
     else:
       rows.append([i])
-      room.append(cap - lengths[i])
+      room.append(cap(lengths[i]) - lengths[i])
   return rows
 
 
@@ -144,7 +145,7 @@ def test_pack_examples_is_first_fit_and_buckets_rows():
   buckets = (24, 32, 48)
   packed = batching.pack_examples(lengths, buckets, 64, seed=11)
   order = np.random.default_rng([11, batching.PACK_SALT]).permutation(len(lengths))
-  ref = _first_fit_reference(lengths, order, 64)
+  ref = _first_fit_reference(lengths, order, lambda n: 64)
   assert [list(r) for r in packed.rows] == ref
   flat = np.concatenate(packed.rows)
   assert sorted(flat.tolist()) == list(range(len(lengths)))  # each example exactly once
@@ -156,6 +157,22 @@ def test_pack_examples_is_first_fit_and_buckets_rows():
   assert all((a == b).all() for a, b in zip(packed.rows, same.rows))
   with pytest.raises(ValueError, match="pack_length"):
     batching.pack_examples(lengths, buckets, 32, seed=0)
+
+
+def test_bucket_rows_never_grow_past_the_opening_bucket():
+  rs = np.random.RandomState(1)
+  lengths = rs.randint(5, 49, 300)
+  sizes = np.asarray((24, 32, 48, 64))
+  packed = batching.pack_examples(lengths, (24, 32, 48), 64, seed=4, rows="bucket")
+  order = np.random.default_rng([4, batching.PACK_SALT]).permutation(len(lengths))
+  ref = _first_fit_reference(lengths, order, lambda n: sizes[sizes >= n].min())
+  assert [list(r) for r in packed.rows] == ref
+  assert sorted(np.concatenate(packed.rows).tolist()) == list(range(len(lengths)))
+  for row, length in zip(packed.rows, packed.bucket):
+    opener = sizes[sizes >= lengths[row[0]]].min()
+    assert lengths[row].sum() <= length <= opener
+  fixed = batching.pack_examples(lengths, (24, 32, 48), 64, seed=4)
+  assert len(fixed) < len(packed) < len(lengths)  # bucket rows pack less, but pack
 
 
 def test_batcher_packed_rows_hold_every_example_once():
@@ -186,14 +203,15 @@ def test_batcher_packed_rows_hold_every_example_once():
   np.testing.assert_array_equal(alone["segment_ids"], single["attention_mask"])
 
 
-def test_grain_packed_batches_equal_batcher(tmp_path):
+@pytest.mark.parametrize("rows", ["fixed", "bucket"])
+def test_grain_packed_batches_equal_batcher(tmp_path, rows):
   tok = WordTokenizer()
   train = batching.tokenize_examples(_examples(), tok, (24, 32, 48))
   valid = batching.tokenize_examples(_examples(9, seed=1), tok, (24, 32, 48))
   builder = example_records.write_examples({"train": train, "validation": valid},
                                            str(tmp_path))
   kw = dict(batch_size=4, pack_length=64, seed=5, prompt_label_ids=CODE_IDS,
-            prompt_label_tasks=("seqrec",))
+            prompt_label_tasks=("seqrec",), pack_rows=rows)
   g = grain_batches.GrainBatcher(str(builder.data_dir), "train", num_threads=0, **kw)
   m = batching.Batcher(train, **kw)
   assert g.steps_per_epoch == m.steps_per_epoch

@@ -40,8 +40,10 @@ partial batch is filled up with copies of its examples whose labels are all ``-1
 Packing (optional, ``pack_length`` > 0; not in LC-Rec). Several examples share a row:
 :func:`pack_examples` fills rows of ``pack_length`` tokens greedily, first fit, visiting the
 examples in an order seeded by ``seed`` alone (the packing is the same every epoch, so the
-number of rows and of steps per epoch is fixed); each row then goes into the smallest
-bucket (or ``pack_length``) that holds its tokens, and the epoch plan shuffles and batches
+number of rows and of steps per epoch is fixed); with ``pack_rows="bucket"`` a row holds
+only up to the bucket length of the example that opened it (shorter examples fill the
+padding, rows never grow: attention cost, quadratic in the row length, does not rise).
+Each row then goes into the smallest bucket (or ``pack_length``) that holds its tokens, and the epoch plan shuffles and batches
 rows exactly as it does examples. :func:`collate_packed` adds ``segment_ids`` (1, 2, ...
 per example of a row, 0 on padding) and restarts ``positions`` at 0 for every example;
 the model attends only within a segment and the train step drops targets that cross a
@@ -372,8 +374,11 @@ class PackedRows:
 PACK_SALT = 0x5041434B  # seeds the packing order apart from the epoch shuffles
 
 
+PACK_ROWS = ("fixed", "bucket")
+
+
 def pack_examples(lengths: np.ndarray, buckets: Sequence[int], pack_length: int,
-                  seed: int) -> PackedRows:
+                  seed: int, rows: str = "fixed") -> PackedRows:
   """Greedy first-fit packing of examples into rows of at most ``pack_length`` tokens.
 
   Args:
@@ -382,10 +387,15 @@ def pack_examples(lengths: np.ndarray, buckets: Sequence[int], pack_length: int,
       ``pack_length`` that holds its tokens.
     pack_length: row capacity, >= the largest bucket.
     seed: seeds the order examples are visited in (``[seed, PACK_SALT]``).
+    rows: ``"fixed"``: every row holds up to ``pack_length`` tokens; ``"bucket"``: a row
+      holds up to the bucket length of the example that opened it, so rows are never
+      longer than unpacked ones and later, shorter examples fill their padding.
 
   Returns:
     :class:`PackedRows`; every example is in exactly one row.
   """
+  if rows not in PACK_ROWS:
+    raise ValueError(f"pack rows must be one of {PACK_ROWS}, got {rows!r} (tasks.pack_rows)")
   lengths = np.asarray(lengths, np.int64)
   buckets = _check_buckets(buckets)
   if pack_length < buckets[-1]:
@@ -394,7 +404,9 @@ def pack_examples(lengths: np.ndarray, buckets: Sequence[int], pack_length: int,
   if len(lengths) and lengths.max() > pack_length:
     raise ValueError(f"an example of {lengths.max()} tokens exceeds pack_length={pack_length}")
   order = np.random.default_rng([int(seed), PACK_SALT]).permutation(len(lengths))
+  sizes = np.asarray(sorted(set(buckets) | {int(pack_length)}), np.int64)
   room = np.zeros(len(lengths), np.int64)  # free tokens of each open row
+  capacity = np.zeros(len(lengths), np.int64)
   members: list[list[int]] = []
   for i in order:
     n = lengths[i]
@@ -402,11 +414,12 @@ def pack_examples(lengths: np.ndarray, buckets: Sequence[int], pack_length: int,
     r = int(np.argmax(fits)) if fits.any() else len(members)
     if r == len(members):
       members.append([])
-      room[r] = pack_length
+      capacity[r] = (pack_length if rows == "fixed" else
+                     sizes[np.searchsorted(sizes, n, side="left")])
+      room[r] = capacity[r]
     members[r].append(int(i))
     room[r] -= n
-  used = pack_length - room[:len(members)]
-  sizes = np.asarray(sorted(set(buckets) | {int(pack_length)}), np.int64)
+  used = capacity[:len(members)] - room[:len(members)]
   bucket = sizes[np.searchsorted(sizes, used, side="left")].astype(np.int32)
   return PackedRows(tuple(np.asarray(m, np.int64) for m in members), bucket, int(pack_length))
 
@@ -505,8 +518,9 @@ class Batcher:
   """Tokenizes once; yields the deterministic batches of any epoch.
 
   ``prompt_label_ids`` / ``prompt_label_tasks`` turn on the history loss for those tasks
-  (module docstring). ``pack_length`` > 0 packs examples into rows of that many tokens,
-  packed once with ``seed`` (module docstring); batches then carry ``segment_ids``.
+  (module docstring). ``pack_length`` > 0 packs examples into rows of that many tokens
+  (``pack_rows="bucket"``: of the opening example's bucket length), packed once with
+  ``seed`` (module docstring); batches then carry ``segment_ids``.
 
   Example::
 
@@ -520,7 +534,8 @@ class Batcher:
                buckets: Sequence[int] = (128, 256, 512), add_bos: bool | None = None,
                drop_remainder: bool = False, overflow: str = "skip",
                show_progress: bool = False, prompt_label_ids: Sequence[int] | None = None,
-               prompt_label_tasks: Sequence[str] = (), pack_length: int = 0, seed: int = 0):
+               prompt_label_tasks: Sequence[str] = (), pack_length: int = 0, seed: int = 0,
+               pack_rows: str = "fixed"):
     if prompt_label_tasks and prompt_label_ids is None:
       raise ValueError("prompt_label_tasks needs prompt_label_ids (the code token ids)")
     self.prompt_label_ids = (None if prompt_label_ids is None else
@@ -539,8 +554,8 @@ class Batcher:
       raise ValueError("no examples to batch")
     self.batch_size = int(batch_size)
     self.drop_remainder = drop_remainder
-    self.packed = (pack_examples(self.data.lengths, self.data.buckets, pack_length, seed)
-                   if pack_length > 0 else None)
+    self.packed = (pack_examples(self.data.lengths, self.data.buckets, pack_length, seed,
+                                 pack_rows) if pack_length > 0 else None)
     self._bucket = self.data.bucket if self.packed is None else self.packed.bucket
     self._steps = count_steps(self._bucket, self.batch_size, drop_remainder)
 

@@ -60,7 +60,7 @@ class GrainBatcher:
     prompt_label_ids, prompt_label_tasks: the history loss (``batching`` module docstring).
     num_threads, prefetch: grain ``ReadOptions`` (reader threads, batches read ahead);
       ``num_threads=0`` reads in the consuming thread, without prefetch.
-    pack_length, seed: > 0 packs the examples into rows of ``pack_length`` tokens (packed
+    pack_length, seed, pack_rows: > 0 packs the examples into rows of ``pack_length`` tokens (packed
       once with ``seed``; ``batching`` module docstring); batches then carry
       ``segment_ids``, exactly as :class:`~lcrec_jax.tasks.batching.Batcher`'s.
   """
@@ -68,7 +68,8 @@ class GrainBatcher:
   def __init__(self, directory: str, split: str = "train", *, batch_size: int,
                drop_remainder: bool = False, prompt_label_ids: Sequence[int] | None = None,
                prompt_label_tasks: Sequence[str] = (), num_threads: int = 1,
-               prefetch: int = 4, pack_length: int = 0, seed: int = 0):
+               prefetch: int = 4, pack_length: int = 0, seed: int = 0,
+               pack_rows: str = "fixed"):
     if prompt_label_tasks and prompt_label_ids is None:
       raise ValueError("prompt_label_tasks needs prompt_label_ids (the code token ids)")
     if batch_size < 1:
@@ -99,7 +100,8 @@ class GrainBatcher:
         lengths = [len(r["prompt"]) + len(r["response"])
                    for r in self.source.__getitems__(list(range(len(self.source))))]
       self.packed = batching.pack_examples(np.asarray(lengths, np.int64),
-                                           tuple(meta[split]["buckets"]), pack_length, seed)
+                                           tuple(meta[split]["buckets"]), pack_length, seed,
+                                           pack_rows)
     self._plan_bucket = self.bucket if self.packed is None else self.packed.bucket
     self._steps = batching.count_steps(self._plan_bucket, self.batch_size, drop_remainder)
 

@@ -139,7 +139,8 @@ def run_train_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
   batcher = grain_batches.GrainBatcher(records, "train", batch_size=config.train.batch_size,
                                        prompt_label_ids=code_ids,
                                        prompt_label_tasks=history_tasks,
-                                       pack_length=pack, seed=config.seed)
+                                       pack_length=pack, seed=config.seed,
+                                       pack_rows=str(config.tasks.get("pack_rows", "fixed")))
   valid = grain_batches.GrainBatcher(records, "validation",
                                      batch_size=config.train.batch_size)
   logging.info("tasks: %d training examples, %d steps per epoch (%.1fs to build)",
