@@ -234,12 +234,14 @@ def plan_train_step(config: ml_collections.ConfigDict, mesh_shape: Mapping[str, 
   abstract = state_lib.abstract_state(shardings, boxed, tx, None)
   b_shape = (global_batch, seq_len) if accum == 1 else (accum, global_batch // accum, seq_len)
   b_sharding = step_lib.train_batch_sharding(mesh, accum)
+  tasks = config.get("tasks", None)
+  packed = bool(tasks is not None and int(tasks.get("pack_length", 0) or 0) > 0)
   batch = {k: jax.ShapeDtypeStruct(b_shape, jnp.int32, sharding=b_sharding)
-           for k in step_lib.BATCH_KEYS}
+           for k in (step_lib.PACKED_KEYS if packed else step_lib.BATCH_KEYS)}
   step_fn = step_lib.make_train_step(
       model, tx, shardings=shardings, mesh=mesh, rules=rules, schedule=schedule,
       grad_accum_steps=accum, max_label_tokens=int(tc.get("max_label_tokens", 0)),
-      compute_dtype=compute_dtype)
+      compute_dtype=compute_dtype, packed=packed)
   with nn.logical_axis_rules(rules), jax.set_mesh(mesh):
     lowered = step_fn.jitted.lower(abstract, batch)
   compiled = lowered.compile()

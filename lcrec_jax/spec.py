@@ -127,6 +127,14 @@ KEYS: tuple[Key, ...] = (
     Key("rqvae.eval_every", 25, int, check=_POS),
     Key("rqvae.checkpoint_every", 50, int, check=_POS),
     Key("rqvae.keep_checkpoints", 2, int, check=_POS),
+    Key("rqvae.cf_weight", 0.0, float, check=_NONNEG,
+        doc="LETTER's collaborative InfoNCE weight (its script: 0.01); 0 = off"),
+    Key("rqvae.cf_embeddings", "", str,
+        doc="for cf_weight > 0: .npy [num_items, e_dim] of CF item embeddings (e.g. SASRec)"),
+    Key("rqvae.diversity_weight", 0.0, float, check=_NONNEG,
+        doc="LETTER's code-cluster diversity weight (its script: 1e-4); 0 = off"),
+    Key("rqvae.diversity_clusters", 10, int, check=_gt(1),
+        doc="clusters of each level's codes for the diversity term (LETTER: 10)"),
     # --- conflict-free assignment
     Key("index.repair_rounds", 20, int, check=_NONNEG),
     Key("index.repair_sk_epsilon", 0.005, float, check=_POS),
@@ -147,6 +155,12 @@ KEYS: tuple[Key, ...] = (
     Key("tasks.buckets", (128, 192, 256, 384), tuple, check=_each(_POS)),
     Key("tasks.add_bos", None, bool, nullable=True, doc="None = the tokenizer's choice"),
     Key("tasks.history_loss_tasks", ("seqrec", "fusionseqrec"), tuple, TASK_NAMES),
+    Key("tasks.seqrec_windows", False, bool,
+        doc="seqrec as consecutive windows of max_history + 1 items (stride = window)"),
+    Key("tasks.pack_length", 0, int, check=_NONNEG,
+        doc="> 0: pack training examples into rows of this many tokens (segment ids); 0 = off"),
+    Key("tasks.pack_rows", "fixed", str, ("fixed", "bucket"),
+        doc="packed rows: fixed = pack_length each; bucket = the opening example's bucket"),
     Key("tasks.text_budget.title", 0, int, check=_NONNEG,
         doc="UTF-8 bytes an item title keeps in prompts; 0 = no cut"),
     Key("tasks.text_budget.description", 0, int, check=_NONNEG),
@@ -395,7 +409,8 @@ def _check_paths(c: ml_collections.ConfigDict, stages: Sequence[str]) -> None:
       raise _fail("index.path", "", "index.source='file' needs the LC-Rec index json")
     checks += [("index.path", c.index.path if c.index.source == "file" else "")]
     checks += [("embed.npy_path", c.embed.npy_path if c.embed.encoder == "npy" else ""),
-               ("embed.model_dir", c.embed.model_dir if c.embed.encoder == "minilm" else "")]
+               ("embed.model_dir", c.embed.model_dir if c.embed.encoder == "minilm" else ""),
+               ("rqvae.cf_embeddings", c.rqvae.cf_embeddings if c.rqvae.cf_weight > 0 else "")]
   if "train" in stages:
     checks += [("model.hf_dir", c.model.hf_dir), ("model.gguf_path", c.model.gguf_path)]
   for name, value in checks:
@@ -433,6 +448,19 @@ def _check_cross(c: ml_collections.ConfigDict, num_devices: int | None) -> None:
                 f"cannot hold the labels of the history loss (tasks.history_loss_tasks="
                 f"{history}): up to (max_history + 1) x (levels + EOS) = {need} per example; "
                 "raise it or set 0 (every position)")
+  if c.rqvae.cf_weight > 0 and not c.rqvae.cf_embeddings:
+    raise _fail("rqvae.cf_embeddings", "", "needed when rqvae.cf_weight > 0: a .npy of "
+                "[num_items, rqvae.e_dim] collaborative item embeddings")
+  if c.tasks.seqrec_windows and "seqrec" not in history:
+    raise _fail("tasks.seqrec_windows", True, "needs 'seqrec' in tasks.history_loss_tasks: "
+                "a window trains its history items only as history-loss labels")
+  pack = c.tasks.pack_length
+  if pack and pack < buckets[-1]:
+    raise _fail("tasks.pack_length", pack, f"must be 0 (off) or >= the largest bucket "
+                f"(tasks.buckets={tuple(buckets)})")
+  if pack and slots:
+    raise _fail("train.max_label_tokens", slots, "must be 0 (every position) with "
+                "tasks.pack_length > 0: a packed row holds the labels of several examples")
   if slots > buckets[-1]:
     raise _fail("train.max_label_tokens", slots,
                 f"more label slots than the longest bucket (tasks.buckets={tuple(buckets)})")

@@ -108,6 +108,15 @@ NO_EFFECT = frozenset((
     "train.peak_flops_per_device", "train.distributed", "train.tensorboard",
     "train.valid_users", "eval.quick_users", "eval.shard"))
 
+# Fields added after manifests were already written, with the value that reproduces the
+# behaviour before they existed: a manifest without the field reads as that value, so a
+# default-off option does not re-run finished stages of older workdirs.
+ADDED_DEFAULTS: dict[str, Any] = {
+    "tasks.pack_length": 0, "tasks.pack_rows": "fixed",              # issue 23 levers
+    "tasks.seqrec_windows": False,
+    "rqvae.cf_weight": 0.0, "rqvae.cf_embeddings": "", "rqvae.diversity_weight": 0.0,
+    "rqvae.diversity_clusters": 10,
+}
 
 # Fields whose change does not invalidate an UNFINISHED stage's checkpoints: the way out of
 # a divergence is the same command with a lower learning rate, resuming from the newest
@@ -336,6 +345,10 @@ def input_files(stage: str, flat_config: Mapping[str, Any]) -> dict[str, str]:
   if (stage == "index" and flat_config.get("index.source") == "file"
       and flat_config.get("index.path") and os.path.isfile(flat_config["index.path"])):
     files.append(flat_config["index.path"])
+  cf = flat_config.get("rqvae.cf_embeddings")
+  if stage == "index" and (flat_config.get("rqvae.cf_weight") or 0) > 0 and cf and (
+      os.path.isfile(cf)):
+    files.append(cf)  # LETTER's collaborative embeddings
   return {os.path.abspath(p): _file_hash(p) for p in files}
 
 
@@ -356,6 +369,7 @@ def write_manifest(workdir: str, stage: str, flat_config: Mapping[str, Any],
 
 def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
   lines = []
+  old = {**{k: v for k, v in ADDED_DEFAULTS.items() if k in new}, **old}
   for k in sorted(set(old) | set(new)):
     if old.get(k, "<unset>") != new.get(k, "<unset>"):
       lines.append(f"{k} {json.dumps(old.get(k, '<unset>'))} -> "

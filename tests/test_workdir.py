@@ -210,3 +210,11 @@ def test_edited_data_file_reruns_every_stage_that_reads_it(tmp_path):
   with open(wl.manifest_path(wd, "index"), "w") as f:
     json.dump(m, f)
   assert _decisions(wl.plan(wd, flat, ("index",), [])) == {"index": "reuse"}
+
+
+def test_added_default_off_fields_do_not_rerun_older_stages():
+  """A manifest written before a default-off option existed reads as that default."""
+  new = {"tasks.pack_length": 0, "rqvae.cf_weight": 0.0, "train.lr": 0.002}
+  assert wl._diff({"train.lr": 0.002}, new) == []
+  changed = wl._diff({"train.lr": 0.002}, {**new, "tasks.pack_length": 512})
+  assert changed == ["tasks.pack_length 0 -> 512"]

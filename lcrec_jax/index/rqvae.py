@@ -21,6 +21,18 @@ Losses, as in LC-Rec (``index/models/vq.py``, ``rq.py``, ``rqvae.py``):
   takes ``.mean()``); ``quant_loss_reduction="sum"`` sums them instead;
 * total = ``mse(recon, x) + quant_loss`` (:func:`loss_fn`).
 
+LETTER terms (Wang et al., CIKM 2024, github.com/HonghuiBao2000/LETTER ``RQ-VAE/models``;
+optional, weight 0 = off, added by the trainer):
+
+* collaborative: :func:`cf_infonce`, an in-batch InfoNCE whose logits are the dot products
+  of the quantised items ``z_q`` with collaborative-filtering item embeddings of the same
+  items (e.g. SASRec's); LETTER's script weighs it 0.01;
+* diversity: :func:`diversity_loss` per level: the codes of a level are clustered
+  (:func:`cluster_codes`, once per epoch); each item's chosen code vector is pulled
+  towards another code of its cluster (a sampled positive, :func:`sample_cluster_positives`)
+  against all other codes of the level (its own code excluded), by cross-entropy over the
+  dot products; mean over levels; LETTER's script weighs it 1e-4.
+
 Straight-through: each level outputs ``r_l + sg(e_l - r_l)`` and the next residual is
 ``r_l`` minus that output, as in LC-Rec, so ``z_q_st = sum_l`` of the level outputs equals
 ``sum_l e_l`` in value and ``d z_q_st / d z`` is the identity.
@@ -33,6 +45,7 @@ than the nearest code. Batch norm and dropout follow LC-Rec's MLP: ``[dropout] d
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Sequence
 
 import flax
@@ -274,6 +287,75 @@ def loss_fn(output: RQVAEOutput, x: jax.Array) -> tuple[jax.Array, dict[str, jax
   recon_mse = jnp.mean((output.recon.astype(jnp.float32) - x.astype(jnp.float32)) ** 2)
   total = recon_mse + output.quant_loss
   return total, {"recon_mse": recon_mse, "quant_loss": output.quant_loss}
+
+
+def cf_infonce(z_q: jax.Array, cf: jax.Array) -> jax.Array:
+  """LETTER's collaborative term: in-batch InfoNCE of quantised items vs CF embeddings.
+
+  Args:
+    z_q: ``[B, e]`` quantised item representations (straight-through).
+    cf: ``[B, e]`` collaborative embeddings of the same items (row i = item of row i).
+
+  Returns:
+    ``[]`` mean over the batch of ``logsumexp_j(z_q[i] . cf[j]) - z_q[i] . cf[i]`` (float32;
+    no temperature or normalisation, as LETTER).
+  """
+  logits = z_q.astype(jnp.float32) @ cf.astype(jnp.float32).T
+  return jnp.mean(jax.nn.logsumexp(logits, axis=1) - jnp.diagonal(logits))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def cluster_codes(key: jax.Array, codebook: jax.Array, n_clusters: int,
+                  iters: int = 20) -> jax.Array:
+  """``[K]`` int32 cluster of every code of one level (k-means of the code vectors).
+
+  LETTER clusters with size-constrained k-means (``k_means_constrained``); plain k-means
+  here, so a cluster may hold one code, whose items then get no diversity term.
+  """
+  centers = kmeans_lib.kmeans(key, codebook, int(n_clusters), int(iters))
+  return kmeans_lib.assign_nearest(codebook, centers).astype(jnp.int32)
+
+
+def sample_cluster_positives(key: jax.Array, codes: jax.Array, labels: jax.Array
+                             ) -> tuple[jax.Array, jax.Array]:
+  """For each item a random other code of its code's cluster.
+
+  Args:
+    key: PRNG key.
+    codes: ``[B]`` chosen codes of one level.
+    labels: ``[K]`` cluster of each code (:func:`cluster_codes`).
+
+  Returns:
+    ``(positives [B] int32, valid [B] bool)``: uniform over the codes ``j != codes[i]``
+    with ``labels[j] == labels[codes[i]]``; ``valid`` is False where there is none.
+  """
+  k = labels.shape[0]
+  same = (labels[None, :] == labels[codes][:, None]) & (jnp.arange(k)[None] != codes[:, None])
+  valid = jnp.any(same, axis=1)
+  logits = jnp.where(same | ~valid[:, None], 0.0, -jnp.inf)
+  return jax.random.categorical(key, logits, axis=1).astype(jnp.int32), valid
+
+
+def diversity_loss(codebook: jax.Array, codes: jax.Array, positives: jax.Array,
+                   valid: jax.Array) -> jax.Array:
+  """LETTER's diversity term of one level.
+
+  Args:
+    codebook: ``[K, e]`` the level's codes (gradients flow into it).
+    codes: ``[B]`` chosen codes; positives: ``[B]`` targets; valid: ``[B]`` bool.
+
+  Returns:
+    ``[]`` mean over valid items of the cross-entropy of ``positives`` under the logits
+    ``codebook[codes] . codebook^T``, the item's own code excluded.
+  """
+  e = codebook[codes].astype(jnp.float32)
+  logits = e @ codebook.astype(jnp.float32).T                          # [B, K]
+  own = jax.nn.one_hot(codes, codebook.shape[0], dtype=jnp.bool_)
+  logits = jnp.where(own, -1e12, logits)
+  ce = jax.nn.logsumexp(logits, axis=1) - jnp.take_along_axis(
+      logits, positives[:, None], axis=1)[:, 0]
+  w = valid.astype(jnp.float32)
+  return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def codebook_path(level: int) -> tuple[str, str, str]:

@@ -103,8 +103,11 @@ def run_index_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
     raise ValueError(f"index.checkpoint must be one of {CHECKPOINT_CHOICES}, got {which!r}")
 
   t0 = time.time()
+  cf = None
+  if trainer.letter_weights(config.rqvae)[0] > 0:  # LETTER's collaborative term
+    cf = _load_cf(str(config.rqvae.get("cf_embeddings", "") or ""))
   model, variables, history = trainer.train_rqvae(config.rqvae, x, workdir,
-                                                  seed=int(config.seed))
+                                                  seed=int(config.seed), cf_embeddings=cf)
   train_s = time.time() - t0
   if which == "final":
     used_epoch = int(history[-1]["epoch"]) if history else int(config.rqvae.epochs)
@@ -135,6 +138,17 @@ def run_index_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
                                 codebook_size=int(config.rqvae.codebook_size), extra=extra)
   _write(paths, index, rep, history)
   return index
+
+
+def _load_cf(path: str) -> np.ndarray:
+  """``rqvae.cf_embeddings``: a local .npy of ``[num_items, e_dim]`` (shape checked later)."""
+  if not path:
+    raise ConfigError("rqvae.cf_weight > 0 needs rqvae.cf_embeddings (a .npy of "
+                      "[num_items, e_dim], e.g. from benchmarks/export_sasrec_embeddings.py)")
+  try:
+    return np.load(path)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"rqvae.cf_embeddings: cannot read {path} as .npy ({e})") from None
 
 
 def _write(paths: dict[str, str], index: ItemIndex, rep: dict, history: list[dict]) -> None:

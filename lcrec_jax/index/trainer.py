@@ -57,6 +57,9 @@ from lcrec_jax.train import loop as loop_lib
 # result.
 _BOOKKEEPING_FIELDS = ("eval_every", "checkpoint_every", "keep_checkpoints")
 CHECKPOINT_KINDS = ("latest", "best_collision", "best_loss")
+# rqvae fields added after checkpoints existed, at the value that reproduces the old runs
+_ADDED_FIELDS = {"cf_weight": 0.0, "cf_embeddings": "", "diversity_weight": 0.0,
+                 "diversity_clusters": 10}
 
 
 def make_model(cfg: ml_collections.ConfigDict, in_dim: int) -> rqvae.RQVAE:
@@ -110,17 +113,51 @@ def _optimizer(spec: tuple) -> tuple[optax.GradientTransformation, optax.Schedul
   return optax.chain(*parts), schedule
 
 
+def letter_weights(cfg: ml_collections.ConfigDict) -> tuple[float, float]:
+  """``(rqvae.cf_weight, rqvae.diversity_weight)``; (0, 0) = plain LC-Rec RQ-VAE."""
+  return float(cfg.get("cf_weight", 0.0) or 0.0), float(cfg.get("diversity_weight", 0.0) or 0.0)
+
+
+def _letter_terms(model: rqvae.RQVAE, params: Any, out: rqvae.RQVAEOutput, batch: Mapping,
+                  key: jax.Array, letter: tuple[float, float]
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Weighted LETTER terms of one batch (``rqvae`` module docstring) and their metrics."""
+  cf_w, div_w = letter
+  extra, metrics = jnp.zeros((), jnp.float32), {}
+  if cf_w > 0:
+    cf = rqvae.cf_infonce(out.z_q, batch["cf"])
+    extra, metrics["cf_loss"] = extra + cf_w * cf, cf
+  if div_w > 0:
+    codebooks = rqvae.get_codebooks({"params": params}, model.num_levels)
+    keys = jax.random.split(jax.random.fold_in(key, 1), model.num_levels)
+    div = []
+    for l, cb in enumerate(codebooks):
+      codes = jax.lax.stop_gradient(out.codes[:, l])
+      pos, valid = rqvae.sample_cluster_positives(keys[l], codes, batch["clusters"][l])
+      div.append(rqvae.diversity_loss(cb, codes, pos, valid))
+    div = jnp.mean(jnp.stack(div))
+    extra, metrics["diversity_loss"] = extra + div_w * div, div
+  return extra, metrics
+
+
 @functools.lru_cache(maxsize=16)
-def _make_train_step(model: rqvae.RQVAE, tx: optax.GradientTransformation):
+def _make_train_step(model: rqvae.RQVAE, tx: optax.GradientTransformation,
+                     letter: tuple[float, float] | None = None):
   """Jitted ``(state, x [B, D]) -> (state, metrics)``; ``state`` is donated.
+
+  With ``letter = (cf_weight, diversity_weight)`` the batch is a dict: ``x [B, D]``,
+  ``cf [B, e_dim]`` (the items' collaborative embeddings, when cf_weight > 0) and
+  ``clusters [L, K]`` (each level's code clusters, when diversity_weight > 0); the
+  weighted LETTER terms join the loss. None = the batch is ``x``, LC-Rec's step.
 
   A step whose loss or updated params / optimizer state / batch statistics hold NaN or
   inf leaves them as they were (``step`` still advances) and reports ``is_finite`` 0.
   """
   mutable = ["batch_stats"] if model.batch_norm else False
 
-  def step(state, x):
+  def step(state, batch):
     key = jax.random.fold_in(state["rng"], state["step"])
+    x = batch["x"] if letter is not None else batch
 
     def loss(params):
       variables = {"params": params}
@@ -129,6 +166,9 @@ def _make_train_step(model: rqvae.RQVAE, tx: optax.GradientTransformation):
       res = model.apply(variables, x, train=True, rngs={"dropout": key}, mutable=mutable)
       out, updates = res if mutable else (res, {})
       total, metrics = rqvae.loss_fn(out, x)
+      if letter is not None:
+        extra, more = _letter_terms(model, params, out, batch, key, letter)
+        total, metrics = total + extra, {**metrics, **more}
       return total, (metrics, updates)
 
     (total, (metrics, updates)), grads = jax.value_and_grad(loss, has_aux=True)(
@@ -222,8 +262,9 @@ def _write_history(path: str, rows: list[dict]) -> None:
 
 def _check_resumable(meta: Mapping[str, Any], cfg: ml_collections.ConfigDict,
                      x: np.ndarray, seed: int, where: str) -> None:
-  saved = dict(meta.get("config", {}))
   now = _config_dict(cfg)
+  # a checkpoint written before the LETTER options had them off
+  saved = {**{k: v for k, v in _ADDED_FIELDS.items() if k in now}, **dict(meta.get("config", {}))}
   diff = sorted(k for k in set(saved) | set(now)
                 if k not in _BOOKKEEPING_FIELDS and saved.get(k) != now.get(k))
   problems = [f"rqvae.{k}: checkpoint {saved.get(k)!r} vs now {now.get(k)!r}" for k in diff]
@@ -238,7 +279,8 @@ def _check_resumable(meta: Mapping[str, Any], cfg: ml_collections.ConfigDict,
 
 
 def train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir: str, *,
-                seed: int) -> tuple[rqvae.RQVAE, dict[str, Any], list[dict]]:
+                seed: int, cf_embeddings: np.ndarray | None = None
+                ) -> tuple[rqvae.RQVAE, dict[str, Any], list[dict]]:
   """Trains (or resumes training of) the RQ-VAE on all item embeddings.
 
   Args:
@@ -246,6 +288,10 @@ def train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir:
     embeddings: ``[N, D]`` float32 item embeddings (the training set: every item).
     workdir: run directory; everything goes under ``<workdir>/index/``.
     seed: seeds parameter init, k-means, shuffling and dropout.
+    cf_embeddings: ``[N, e_dim]`` collaborative item embeddings (row i = item i), needed
+      when ``rqvae.cf_weight > 0`` (LETTER's collaborative term). With
+      ``rqvae.diversity_weight > 0`` each level's codes are re-clustered into
+      ``rqvae.diversity_clusters`` at the start of every epoch (as LETTER does).
 
   Returns:
     ``(model, variables, history)``: the final variables (``params``, and
@@ -255,11 +301,28 @@ def train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir:
     at evaluation epochs ``collision_rate`` and ``utilization`` (per level; else null).
   """
   with quiet_orbax():
-    return _train_rqvae(cfg, embeddings, workdir, seed=seed)
+    return _train_rqvae(cfg, embeddings, workdir, seed=seed, cf_embeddings=cf_embeddings)
+
+
+def _check_cf(cfg: ml_collections.ConfigDict, cf: np.ndarray | None, n: int) -> np.ndarray | None:
+  """The collaborative embeddings as float32 ``[n, e_dim]`` when cf_weight > 0, else None."""
+  if letter_weights(cfg)[0] <= 0:
+    return None
+  if cf is None:
+    raise ConfigError("rqvae.cf_weight > 0 needs collaborative item embeddings "
+                      "(rqvae.cf_embeddings: a .npy of [num_items, e_dim])")
+  cf = np.asarray(cf, np.float32)
+  if cf.shape != (n, int(cfg.e_dim)):
+    raise ConfigError(f"rqvae.cf_embeddings: shape {list(cf.shape)}, expected [{n}, "
+                      f"{int(cfg.e_dim)}] (num_items, rqvae.e_dim)")
+  if not np.all(np.isfinite(cf)):
+    raise ConfigError("rqvae.cf_embeddings: contains NaN or inf")
+  return cf
 
 
 def _train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir: str, *,
-                 seed: int) -> tuple[rqvae.RQVAE, dict[str, Any], list[dict]]:
+                 seed: int, cf_embeddings: np.ndarray | None = None
+                 ) -> tuple[rqvae.RQVAE, dict[str, Any], list[dict]]:
   """:func:`train_rqvae` without the orbax log filter."""
   x = np.asarray(embeddings, np.float32)
   if x.ndim != 2 or x.shape[0] < 1:
@@ -267,6 +330,8 @@ def _train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir
   if not np.all(np.isfinite(x)):
     raise ValueError("embeddings contain NaN or inf")
   n, dim = x.shape
+  cf = _check_cf(cfg, cf_embeddings, n)
+  letter = letter_weights(cfg) if any(w > 0 for w in letter_weights(cfg)) else None
   epochs = int(cfg.epochs)
   bs = max(1, min(int(cfg.batch_size), n))
   steps_per_epoch = math.ceil(n / bs)
@@ -334,12 +399,31 @@ def _train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir
   _write_history(metrics_path, history)
 
   x_dev = jnp.asarray(x)
+  cf_dev = None if cf is None else jnp.asarray(cf)
+  k_clusters = jax.random.fold_in(root, 0x4C4554)  # LETTER's per-epoch code clusters
+
+  def clusters(e: int) -> jax.Array:
+    """``[L, K]`` each level's code clusters from the current codebooks (epoch e + 1)."""
+    cbs = rqvae.get_codebooks({"params": loop.state["params"]}, model.num_levels)
+    return jnp.stack([rqvae.cluster_codes(jax.random.fold_in(k_clusters, e * 64 + l), cb,
+                                          int(cfg.get("diversity_clusters", 10)))
+                      for l, cb in enumerate(cbs)])
 
   def batches(e: int, pos: int):
     """Item rows of epoch e + 1 (LC-Rec counts from 1), shuffled by (seed, e + 1)."""
     perm = np.random.default_rng([int(seed), e + 1]).permutation(n)
+    labels = clusters(e) if letter is not None and letter[1] > 0 else None
     for b in range(pos, steps_per_epoch):
-      yield x_dev[jnp.asarray(perm[b * bs:(b + 1) * bs])]
+      idx = jnp.asarray(perm[b * bs:(b + 1) * bs])
+      if letter is None:
+        yield x_dev[idx]
+        continue
+      batch = {"x": x_dev[idx]}
+      if cf_dev is not None:
+        batch["cf"] = cf_dev[idx]
+      if labels is not None:
+        batch["clusters"] = labels
+      yield batch
 
   row: dict[str, Any] = {}
 
@@ -391,7 +475,7 @@ def _train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir
 
   bar = progress_lib.Progress(epochs, "rqvae", "epoch", initial=start)
   loop = loop_lib.Loop(
-      _make_train_step(model, tx), batches, state, num_steps=epochs * steps_per_epoch,
+      _make_train_step(model, tx, letter), batches, state, num_steps=epochs * steps_per_epoch,
       steps_per_epoch=steps_per_epoch, start=loop_lib.Position(start * steps_per_epoch, start),
       fetch="epoch", on_epoch=on_epoch, epoch_actions=[
           loop_lib.Periodic(evaluate, every=eval_every, at_end=True),

@@ -335,7 +335,8 @@ class Llama(nn.Module):
 
   def __call__(self, tokens: Array, *, positions: Array | None = None,
                attention_mask: Array | None = None, cache: KVCache | None = None,
-               return_hidden: bool = False, lora: Any = None):
+               return_hidden: bool = False, lora: Any = None,
+               segment_ids: Array | None = None):
     """Runs the decoder.
 
     Args:
@@ -350,6 +351,10 @@ class Llama(nn.Module):
       return_hidden: return the final-normed hidden states `[B, T, E]` instead of
         logits (use `method=Llama.logits` on the positions you need).
       lora: optional `lora.LoraParams` applied on the fly (base params unchanged).
+      segment_ids: optional `[B, T]` int32 ids of the packed examples of each row
+        (`tasks.batching` packing; 0 = padding): a token attends only to earlier tokens
+        of its own segment (block-diagonal causal). Pass per-segment `positions` with
+        it. Not with a cache.
 
     Returns:
       (logits `[B, T, V]` or hidden `[B, T, E]`, updated cache or None). Outputs at
@@ -379,6 +384,11 @@ class Llama(nn.Module):
       key_slots = jnp.arange(cache.max_len)
     query_slots = index + jnp.arange(t)
     allowed = key_mask[:, None, :] & (key_slots[None, None, :] <= query_slots[None, :, None])
+    if segment_ids is not None:
+      if cache is not None:
+        raise ValueError("Llama: segment_ids (packed rows) cannot be used with a cache")
+      seg = jnp.asarray(segment_ids, jnp.int32)
+      allowed = allowed & (seg[:, :, None] == seg[:, None, :])
     cos, sin = rope_cos_sin(cfg, positions)
     lora_scale = 0.0 if lora is None else lora.scale
     adapters = None if lora is None else lora.adapters

@@ -37,6 +37,20 @@ order. The plan depends only on ``(seed, epoch)`` and the examples, so a run res
 partial batch is filled up with copies of its examples whose labels are all ``-100``
 (no loss, no NaN from all-padding rows), or dropped with ``drop_remainder=True``.
 
+Packing (optional, ``pack_length`` > 0; not in LC-Rec). Several examples share a row:
+:func:`pack_examples` fills rows of ``pack_length`` tokens greedily, first fit, visiting the
+examples in an order seeded by ``seed`` alone (the packing is the same every epoch, so the
+number of rows and of steps per epoch is fixed); with ``pack_rows="bucket"`` a row holds
+only up to the bucket length of the example that opened it (shorter examples fill the
+padding, rows never grow: attention cost, quadratic in the row length, does not rise).
+Each row then goes into the smallest bucket (or ``pack_length``) that holds its tokens, and the epoch plan shuffles and batches
+rows exactly as it does examples. :func:`collate_packed` adds ``segment_ids`` (1, 2, ...
+per example of a row, 0 on padding) and restarts ``positions`` at 0 for every example;
+the model attends only within a segment and the train step drops targets that cross a
+segment boundary, so a packed batch has the loss sums of its examples unpacked
+(``tests/test_packing.py``). A step then costs what its real tokens cost, not the
+padding up to the example's bucket.
+
 Readers. :class:`Batcher` holds the tokenized examples in memory and builds each batch
 with :func:`collate`. The train stage instead writes them once as array_record
 (:mod:`lcrec_jax.tasks.example_records`) and reads them with grain
@@ -339,6 +353,130 @@ def collate(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray],
   return {"tokens": tokens, "labels": labels, "attention_mask": mask, "positions": positions}
 
 
+@dataclasses.dataclass(frozen=True)
+class PackedRows:
+  """Examples packed into rows (:func:`pack_examples`).
+
+  Attributes:
+    rows: per row, ``[k]`` int64 indices of its examples, in row order.
+    bucket: ``[R]`` int32 length of each row (a bucket, or ``pack_length``).
+    pack_length: the row capacity in tokens.
+  """
+
+  rows: tuple[np.ndarray, ...]
+  bucket: np.ndarray
+  pack_length: int
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+
+PACK_SALT = 0x5041434B  # seeds the packing order apart from the epoch shuffles
+
+
+PACK_ROWS = ("fixed", "bucket")
+
+
+def pack_examples(lengths: np.ndarray, buckets: Sequence[int], pack_length: int,
+                  seed: int, rows: str = "fixed") -> PackedRows:
+  """Greedy first-fit packing of examples into rows of at most ``pack_length`` tokens.
+
+  Args:
+    lengths: ``[N]`` tokens of each example (each <= ``pack_length``).
+    buckets: bucket lengths; a row's length is the smallest of ``buckets`` and
+      ``pack_length`` that holds its tokens.
+    pack_length: row capacity, >= the largest bucket.
+    seed: seeds the order examples are visited in (``[seed, PACK_SALT]``).
+    rows: ``"fixed"``: every row holds up to ``pack_length`` tokens; ``"bucket"``: a row
+      holds up to the bucket length of the example that opened it, so rows are never
+      longer than unpacked ones and later, shorter examples fill their padding.
+
+  Returns:
+    :class:`PackedRows`; every example is in exactly one row.
+  """
+  if rows not in PACK_ROWS:
+    raise ValueError(f"pack rows must be one of {PACK_ROWS}, got {rows!r} (tasks.pack_rows)")
+  lengths = np.asarray(lengths, np.int64)
+  buckets = _check_buckets(buckets)
+  if pack_length < buckets[-1]:
+    raise ValueError(f"pack_length={pack_length} is shorter than the largest bucket "
+                     f"{buckets[-1]} (config tasks.pack_length)")
+  if len(lengths) and lengths.max() > pack_length:
+    raise ValueError(f"an example of {lengths.max()} tokens exceeds pack_length={pack_length}")
+  order = np.random.default_rng([int(seed), PACK_SALT]).permutation(len(lengths))
+  sizes = np.asarray(sorted(set(buckets) | {int(pack_length)}), np.int64)
+  room = np.zeros(len(lengths), np.int64)  # free tokens of each open row
+  capacity = np.zeros(len(lengths), np.int64)
+  members: list[list[int]] = []
+  for i in order:
+    n = lengths[i]
+    fits = room[:len(members)] >= n
+    r = int(np.argmax(fits)) if fits.any() else len(members)
+    if r == len(members):
+      members.append([])
+      capacity[r] = (pack_length if rows == "fixed" else
+                     sizes[np.searchsorted(sizes, n, side="left")])
+      room[r] = capacity[r]
+    members[r].append(int(i))
+    room[r] -= n
+  used = capacity[:len(members)] - room[:len(members)]
+  bucket = sizes[np.searchsorted(sizes, used, side="left")].astype(np.int32)
+  return PackedRows(tuple(np.asarray(m, np.int64) for m in members), bucket, int(pack_length))
+
+
+def collate_packed(rows: Sequence[Sequence[tuple[np.ndarray, np.ndarray, bool]]],
+                   real: Sequence[bool], length: int, pad_id: int,
+                   prompt_label_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """Packs each row's examples one after another into ``[B, T = length]`` arrays.
+
+  Args:
+    rows: per row, its examples as ``(prompt ids, response ids + EOS, label_prompt)``.
+    real: per row, False for a filler row (labels all ``-100``).
+    length, pad_id, prompt_label_ids: as :func:`collate`.
+
+  Returns:
+    :func:`collate`'s arrays, ``positions`` restarting at 0 for every example, plus
+    ``segment_ids`` ``[B, T]`` int32: k for the k-th example of a row (1-based), 0 on
+    padding. One example per row gives :func:`collate`'s arrays (and ``segment_ids``).
+  """
+  b, t = len(rows), length
+  tokens = np.full((b, t), pad_id, np.int32)
+  labels = np.full((b, t), IGNORE, np.int32)
+  mask = np.zeros((b, t), np.int32)
+  positions = np.zeros((b, t), np.int32)
+  segments = np.zeros((b, t), np.int32)
+  for r, row in enumerate(rows):
+    start = 0
+    for k, (p, resp, label_prompt) in enumerate(row, start=1):
+      n = len(p) + len(resp)
+      if start + n > t:
+        raise ValueError(f"collate_packed: row {r} holds {start + n} tokens, more than {t}")
+      sl = slice(start, start + n)
+      tokens[r, sl] = np.concatenate([p, resp])
+      mask[r, sl] = 1
+      segments[r, sl] = k
+      positions[r, sl] = np.arange(n, dtype=np.int32)
+      if real[r]:
+        labels[r, start + len(p):start + n] = resp
+        if prompt_label_ids is not None and label_prompt:
+          keep = np.isin(p, prompt_label_ids)
+          labels[r, start:start + len(p)][keep] = p[keep]
+      start += n
+    positions[r, start:] = np.arange(start, t, dtype=np.int32)  # padding: as collate
+  return {"tokens": tokens, "labels": labels, "attention_mask": mask, "positions": positions,
+          "segment_ids": segments}
+
+
+def make_packed_batch(data: TokenizedExamples, packed: PackedRows, planned: PlannedBatch,
+                      rows: slice = slice(None), prompt_label_ids: np.ndarray | None = None,
+                      prompt_label_tasks: Sequence[str] = ()) -> dict[str, np.ndarray]:
+  """Arrays of one planned batch of packed rows (``planned.indices`` are row ids)."""
+  real = (np.arange(len(planned.indices)) < planned.num_real)[rows]
+  members = [[(data.prompts[i], data.responses[i], data.tasks[i] in prompt_label_tasks)
+              for i in packed.rows[int(r)]] for r in planned.indices[rows]]
+  return collate_packed(members, real, planned.length, data.pad_id, prompt_label_ids)
+
+
 def make_batch(data: TokenizedExamples, planned: PlannedBatch, rows: slice = slice(None),
                prompt_label_ids: np.ndarray | None = None,
                prompt_label_tasks: Sequence[str] = ()) -> dict[str, np.ndarray]:
@@ -380,7 +518,9 @@ class Batcher:
   """Tokenizes once; yields the deterministic batches of any epoch.
 
   ``prompt_label_ids`` / ``prompt_label_tasks`` turn on the history loss for those tasks
-  (module docstring).
+  (module docstring). ``pack_length`` > 0 packs examples into rows of that many tokens
+  (``pack_rows="bucket"``: of the opening example's bucket length), packed once with
+  ``seed`` (module docstring); batches then carry ``segment_ids``.
 
   Example::
 
@@ -394,7 +534,8 @@ class Batcher:
                buckets: Sequence[int] = (128, 256, 512), add_bos: bool | None = None,
                drop_remainder: bool = False, overflow: str = "skip",
                show_progress: bool = False, prompt_label_ids: Sequence[int] | None = None,
-               prompt_label_tasks: Sequence[str] = ()):
+               prompt_label_tasks: Sequence[str] = (), pack_length: int = 0, seed: int = 0,
+               pack_rows: str = "fixed"):
     if prompt_label_tasks and prompt_label_ids is None:
       raise ValueError("prompt_label_tasks needs prompt_label_ids (the code token ids)")
     self.prompt_label_ids = (None if prompt_label_ids is None else
@@ -413,7 +554,10 @@ class Batcher:
       raise ValueError("no examples to batch")
     self.batch_size = int(batch_size)
     self.drop_remainder = drop_remainder
-    self._steps = count_steps(self.data.bucket, self.batch_size, drop_remainder)
+    self.packed = (pack_examples(self.data.lengths, self.data.buckets, pack_length, seed,
+                                 pack_rows) if pack_length > 0 else None)
+    self._bucket = self.data.bucket if self.packed is None else self.packed.bucket
+    self._steps = count_steps(self._bucket, self.batch_size, drop_remainder)
 
   @property
   def steps_per_epoch(self) -> int:
@@ -423,10 +567,11 @@ class Batcher:
   @property
   def shapes(self) -> set[tuple[int, int]]:
     """Every ``[B, T]`` a batch can have."""
-    return {(self.batch_size, int(b)) for b in np.unique(self.data.bucket)}
+    return {(self.batch_size, int(b)) for b in np.unique(self._bucket)}
 
   def plan(self, seed: int, epoch: int) -> list[PlannedBatch]:
-    return epoch_plan(self.data.bucket, self.batch_size, seed, epoch, self.drop_remainder)
+    """The epoch's batches; with packing their ``indices`` are row ids of ``self.packed``."""
+    return epoch_plan(self._bucket, self.batch_size, seed, epoch, self.drop_remainder)
 
   def batches(self, seed: int, epoch: int, start_step: int = 0, process_index: int = 0,
               process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
@@ -438,6 +583,9 @@ class Batcher:
     check_start(start_step, self._steps)
     rows = process_rows(self.batch_size, process_index, process_count)
     plan = self.plan(seed, epoch)[start_step:]
+    if self.packed is not None:
+      return (make_packed_batch(self.data, self.packed, planned, rows, self.prompt_label_ids,
+                                self.prompt_label_tasks) for planned in plan)
     return (make_batch(self.data, planned, rows, self.prompt_label_ids,
                        self.prompt_label_tasks) for planned in plan)
 

@@ -6,6 +6,13 @@ targets never appear in training text:
 
 * ``seqrec``: for every position ``t >= 1`` of ``train[u]``, the codes of the items
   before ``t`` (at most ``max_history``, oldest first) -> the code of item ``t``.
+  With ``seqrec_windows`` (not in LC-Rec) seqrec instead cuts ``train[u]`` into consecutive
+  windows of ``max_history + 1`` items, stride = window, aligned to the end (the last window
+  ends at the last training item, the oldest may be shorter; a window of one item, only
+  ever ``train[u][0]``, is dropped): all but the last item of a window are the history,
+  the last is the target. With the history loss on seqrec every history code is a label
+  too, so an epoch trains every training target (positions ``t >= 1``) exactly once, with
+  the items of its window before it as context (at most ``max_history``).
 * ``fusionseqrec``: the same prefixes, rendered either as history codes -> next item's
   title or description, or as history titles -> next item's code.
 * ``itemsearch``: one per user: a query (and, in some templates, the user's preference
@@ -119,6 +126,23 @@ def _prefix_records(ctx: _Context, with_text: bool) -> list[_Record]:
   return out
 
 
+def _window_records(ctx: _Context) -> list[_Record]:
+  """Seqrec records of consecutive windows (module docstring, ``seqrec_windows``)."""
+  out = []
+  width = ctx.max_history + 1
+  for u, train in enumerate(ctx.split.train):
+    train = [int(i) for i in train]
+    for end in range(len(train), 1, -width):
+      window = train[max(0, end - width):end]
+      if len(window) < 2:
+        continue
+      hist, target = window[:-1], window[-1]
+      out.append(({"history": ctx.history_codes(hist), "item": ctx.codes[target]},
+                  {"user": u, "history": tuple(hist), "target": target,
+                   "items": tuple(window), "window_start": end - len(window)}))
+  return out
+
+
 def _item_records(ctx: _Context) -> list[_Record]:
   return [({"item": ctx.codes[i], "title": ctx.titles[i], "description": ctx.descriptions[i]},
            {"user": None, "target": i, "items": (i,)}) for i in range(ctx.index.num_items)]
@@ -192,7 +216,7 @@ def _render(task: str, records: Sequence[_Record], rng: np.random.Generator,
 def build_task(task: str, dataset: Dataset, index: ItemIndex, *, seed: int = 0,
                sample_num: int = 0, prompt_sample_num: int = 1,
                max_history: int = DEFAULT_MAX_HISTORY, preference_from: str = "history",
-               split: Split | None = None) -> list[Example]:
+               split: Split | None = None, seqrec_windows: bool = False) -> list[Example]:
   """Training examples of one task.
 
   Args:
@@ -207,6 +231,8 @@ def build_task(task: str, dataset: Dataset, index: ItemIndex, *, seed: int = 0,
       items the prompt shows, so the text is a function of the prompt) or ``"train"``
       (all of the user's training items before the target).
     split: the leave-one-out split; default ``dataset.split()``.
+    seqrec_windows: seqrec records are consecutive windows of each user's training items
+      instead of every prefix (module docstring); other tasks ignore it.
 
   Returns:
     ``[num_records * prompt_sample_num]`` examples (fewer where templates don't fit).
@@ -221,7 +247,8 @@ def build_task(task: str, dataset: Dataset, index: ItemIndex, *, seed: int = 0,
   rng_sample, rng_template, rng_text = (np.random.default_rng([seed, tid, k]) for k in range(3))
   ctx = _Context.make(dataset, index, split, max_history)
   if task == "seqrec":
-    records = _prefix_records(ctx, with_text=False)
+    records = (_window_records(ctx) if seqrec_windows else
+               _prefix_records(ctx, with_text=False))
   elif task == "fusionseqrec":
     records = _prefix_records(ctx, with_text=True)
   elif task in ("item2index", "index2item"):
@@ -243,13 +270,15 @@ def build_train_examples(dataset: Dataset, index: ItemIndex,
                          max_history: int = DEFAULT_MAX_HISTORY,
                          preference_from: str = "history",
                          text_budget: budget_lib.TextBudget | None = None,
-                         show_progress: bool = False) -> list[Example]:
+                         show_progress: bool = False,
+                         seqrec_windows: bool = False) -> list[Example]:
   """All training examples of ``tasks``, task after task (batching shuffles them).
 
   ``sample_nums`` / ``prompt_sample_nums`` are per task, like LC-Rec's
   ``--train_data_sample_num 0,0,0,100000,0,0`` and ``--train_prompt_sample_num 1,...``.
   ``text_budget`` cuts item text fields first (:mod:`lcrec_jax.tasks.text_budget`).
   ``show_progress`` reports tasks done (:class:`lcrec_jax.progress.Progress`).
+  ``seqrec_windows``: seqrec as consecutive windows (:func:`build_task`).
   """
   tasks = list(tasks)
   sample_nums = [0] * len(tasks) if sample_nums is None else list(sample_nums)
@@ -266,7 +295,8 @@ def build_train_examples(dataset: Dataset, index: ItemIndex,
     for task, n, k in zip(tasks, sample_nums, prompt_sample_nums):
       out.extend(build_task(task, dataset, index, seed=seed, sample_num=int(n),
                             prompt_sample_num=int(k), max_history=max_history,
-                            preference_from=preference_from, split=split))
+                            preference_from=preference_from, split=split,
+                            seqrec_windows=seqrec_windows))
       p.update(1, task=task, examples=len(out))
   return out
 

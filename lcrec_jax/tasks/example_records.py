@@ -10,7 +10,7 @@ validation sample). Record ``i`` of a split is example ``i`` of its
 
 ``prompt`` is BOS?, head, instruction, tail; ``response`` ends with EOS, exactly as
 tokenized; both are stored as raw int32 bytes (``Encoding.BYTES``). What the batch plan needs for all examples at once (each example's bucket
-length, the bucket lengths, ``pad_id``, the task names, truncation counts) is small and
+length and token count (for packing), the bucket lengths, ``pad_id``, the task names, truncation counts) is small and
 kept in the dataset's ``metadata.json``, so a reader needs neither the examples nor the
 tokenizer.
 
@@ -86,6 +86,7 @@ class LcrecExamples(tfds.core.GeneratorBasedBuilder):
     meta: dict[str, Any] = {"task_names": list(self._lcrec_tasks)}
     for name, d in self._lcrec_splits.items():
       meta[name] = {"bucket": [int(b) for b in d.bucket], "buckets": list(d.buckets),
+                    "lengths": [int(n) for n in d.lengths],
                     "pad_id": int(d.pad_id), "num_truncated": int(d.num_truncated),
                     "num_skipped": int(d.num_skipped)}
     return tfds.core.DatasetInfo(

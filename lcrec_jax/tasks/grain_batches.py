@@ -60,12 +60,16 @@ class GrainBatcher:
     prompt_label_ids, prompt_label_tasks: the history loss (``batching`` module docstring).
     num_threads, prefetch: grain ``ReadOptions`` (reader threads, batches read ahead);
       ``num_threads=0`` reads in the consuming thread, without prefetch.
+    pack_length, seed, pack_rows: > 0 packs the examples into rows of ``pack_length`` tokens (packed
+      once with ``seed``; ``batching`` module docstring); batches then carry
+      ``segment_ids``, exactly as :class:`~lcrec_jax.tasks.batching.Batcher`'s.
   """
 
   def __init__(self, directory: str, split: str = "train", *, batch_size: int,
                drop_remainder: bool = False, prompt_label_ids: Sequence[int] | None = None,
                prompt_label_tasks: Sequence[str] = (), num_threads: int = 1,
-               prefetch: int = 4):
+               prefetch: int = 4, pack_length: int = 0, seed: int = 0,
+               pack_rows: str = "fixed"):
     if prompt_label_tasks and prompt_label_ids is None:
       raise ValueError("prompt_label_tasks needs prompt_label_ids (the code token ids)")
     if batch_size < 1:
@@ -89,7 +93,17 @@ class GrainBatcher:
     self.batch_size = int(batch_size)
     self.drop_remainder = drop_remainder
     self.num_threads, self.prefetch = int(num_threads), int(prefetch)
-    self._steps = batching.count_steps(self.bucket, self.batch_size, drop_remainder)
+    self.packed = None
+    if pack_length > 0:
+      lengths = meta[split].get("lengths", None)
+      if lengths is None:  # prepared before lengths were kept in the metadata
+        lengths = [len(r["prompt"]) + len(r["response"])
+                   for r in self.source.__getitems__(list(range(len(self.source))))]
+      self.packed = batching.pack_examples(np.asarray(lengths, np.int64),
+                                           tuple(meta[split]["buckets"]), pack_length, seed,
+                                           pack_rows)
+    self._plan_bucket = self.bucket if self.packed is None else self.packed.bucket
+    self._steps = batching.count_steps(self._plan_bucket, self.batch_size, drop_remainder)
 
   def __len__(self) -> int:
     return len(self.source)
@@ -102,13 +116,30 @@ class GrainBatcher:
   @property
   def shapes(self) -> set[tuple[int, int]]:
     """Every ``[B, T]`` a batch can have."""
-    return {(self.batch_size, int(b)) for b in np.unique(self.bucket)}
+    return {(self.batch_size, int(b)) for b in np.unique(self._plan_bucket)}
 
   def plan(self, seed: int, epoch: int) -> list[batching.PlannedBatch]:
-    return batching.epoch_plan(self.bucket, self.batch_size, seed, epoch, self.drop_remainder)
+    """The epoch's batches; with packing their ``indices`` are row ids of ``self.packed``."""
+    return batching.epoch_plan(self._plan_bucket, self.batch_size, seed, epoch,
+                               self.drop_remainder)
+
+  def _read_packed(self, planned: batching.PlannedBatch, rows: slice) -> dict[str, np.ndarray]:
+    """This process's packed rows of one planned batch, read and collated."""
+    row_ids = [int(r) for r in planned.indices[rows]]
+    real = (np.arange(len(planned.indices)) < planned.num_real)[rows]
+    members = [self.packed.rows[r] for r in row_ids]
+    records = self.source.__getitems__([int(i) for m in members for i in m])
+    it = iter(records)
+    packed_rows = [[(np.asarray(rec["prompt"], np.int32), np.asarray(rec["response"], np.int32),
+                     bool(self._label_prompt[int(rec["task"])]))
+                    for rec in (next(it) for _ in m)] for m in members]
+    return batching.collate_packed(packed_rows, real, planned.length, self.pad_id,
+                                   self.prompt_label_ids)
 
   def _read(self, planned: batching.PlannedBatch, rows: slice) -> dict[str, np.ndarray]:
     """This process's rows of one planned batch, read from the records and collated."""
+    if self.packed is not None:
+      return self._read_packed(planned, rows)
     idx = [int(i) for i in planned.indices[rows]]
     real = (np.arange(len(planned.indices)) < planned.num_real)[rows]
     records = self.source.__getitems__(idx)

@@ -40,7 +40,8 @@ def _examples(config: ml_collections.ConfigDict, dataset: Dataset, index: ItemIn
       dataset, index, tc.names, sample_nums=tc.sample_nums,
       prompt_sample_nums=tc.prompt_sample_nums, seed=config.seed, max_history=tc.max_history,
       preference_from=tc.preference_from,
-      text_budget=text_budget.TextBudget.from_config(tc.text_budget), show_progress=True)
+      text_budget=text_budget.TextBudget.from_config(tc.text_budget), show_progress=True,
+      seqrec_windows=bool(tc.get("seqrec_windows", False)))
 
 
 def _corpus(examples) -> list[str]:
@@ -134,13 +135,19 @@ def run_train_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
                                                tokenizer, config.tasks.buckets,
                                                add_bos=config.tasks.add_bos)}
   records = _write_examples(workdir, tokenized)
+  pack = int(config.tasks.get("pack_length", 0) or 0)
   batcher = grain_batches.GrainBatcher(records, "train", batch_size=config.train.batch_size,
                                        prompt_label_ids=code_ids,
-                                       prompt_label_tasks=history_tasks)
+                                       prompt_label_tasks=history_tasks,
+                                       pack_length=pack, seed=config.seed,
+                                       pack_rows=str(config.tasks.get("pack_rows", "fixed")))
   valid = grain_batches.GrainBatcher(records, "validation",
                                      batch_size=config.train.batch_size)
   logging.info("tasks: %d training examples, %d steps per epoch (%.1fs to build)",
                len(examples), batcher.steps_per_epoch, time.perf_counter() - t0)
+  if batcher.packed is not None:
+    logging.info("tasks: packed into %d rows of <= %d tokens (%.2f examples per row)",
+                 len(batcher.packed), pack, len(examples) / max(len(batcher.packed), 1))
 
   seed = config.seed
   pi, pc = jax.process_index(), jax.process_count()
@@ -156,7 +163,7 @@ def run_train_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
       lambda epoch, start: batcher.batches(seed, epoch, start, pi, pc),
       batcher.steps_per_epoch, trainable_mask=mask,
       eval_batches=lambda: valid.batches(seed, 0, 0, pi, pc), eval_callbacks=callbacks,
-      tx_tail=tail)
+      tx_tail=tail, packed=batcher.packed is not None)
   if result.stopped_early:
     logging.warning("train stage: stopped early at step %d (preemption); rerun to resume",
                     result.step)

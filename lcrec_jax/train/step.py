@@ -6,7 +6,11 @@ Batch layout (from `lcrec_jax.tasks.batching`), all `[batch, len]`:
                   position t (usually `tokens[b, t]`), `IGNORE` (-100) where there is
                   no loss (prompt and padding); the model's output at t-1 predicts it,
   attention_mask  int32/bool, 1 for real tokens,
-  positions       int32 rotary positions.
+  positions       int32 rotary positions,
+  segment_ids     optional (packed rows, `tasks.batching` packing): int32 id of the
+                  example each token belongs to (1, 2, ...; 0 = padding). Attention stays
+                  inside a segment, positions restart per segment, and no target crosses a
+                  segment boundary, so a packed row's loss sums are those of its examples.
 
 The loss is the mean token cross-entropy over all label positions of the (global,
 accumulated) batch. The vocab projection runs only at label positions: per example,
@@ -32,6 +36,7 @@ from lcrec_jax.train import mesh as mesh_lib
 from lcrec_jax.train.state import TrainState, merge_params
 
 BATCH_KEYS = ("tokens", "labels", "attention_mask", "positions")
+PACKED_KEYS = BATCH_KEYS + ("segment_ids",)
 PyTree = Any
 Batch = Mapping[str, jax.Array]
 
@@ -48,10 +53,27 @@ def cast_floating(tree: PyTree, dtype: jnp.dtype) -> PyTree:
       lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, tree)
 
 
-def shifted_targets(labels: jax.Array) -> jax.Array:
-  """Next-token targets `[batch, len]`: `labels[:, t + 1]` at t, IGNORE at the last position."""
+def shifted_targets(labels: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+  """Next-token targets `[batch, len]`: `labels[:, t + 1]` at t, IGNORE at the last position.
+
+  With `segment_ids [batch, len]` (packed rows) a target whose token starts another
+  segment than position t's is IGNORE too: no example predicts its neighbour's first token.
+  """
   pad = jnp.full((labels.shape[0], 1), IGNORE, labels.dtype)
-  return jnp.concatenate([labels[:, 1:], pad], axis=1)
+  targets = jnp.concatenate([labels[:, 1:], pad], axis=1)
+  if segment_ids is None:
+    return targets
+  same = jnp.concatenate([segment_ids[:, 1:] == segment_ids[:, :-1],
+                          jnp.zeros((labels.shape[0], 1), jnp.bool_)], axis=1)
+  return jnp.where(same, targets, IGNORE)
+
+
+def _model_inputs(batch: Batch) -> dict[str, jax.Array]:
+  """Keyword inputs of the model's forward pass (segment_ids only for packed batches)."""
+  kw = {"positions": batch["positions"], "attention_mask": batch["attention_mask"]}
+  if "segment_ids" in batch:
+    kw["segment_ids"] = batch["segment_ids"]
+  return kw
 
 
 def gather_label_positions(targets: jax.Array, max_label_tokens: int
@@ -111,10 +133,9 @@ def label_loss_sums(params: PyTree, model: nn.Module, batch: Batch, max_label_to
   extra = {}
   if isinstance(p, LoraTree):
     p, extra = p.params, {"lora": p.lora}
-  hidden, _ = model.apply({"params": p}, batch["tokens"], positions=batch["positions"],
-                          attention_mask=batch["attention_mask"], return_hidden=True,
-                          rngs=rngs or {}, **extra)
-  targets = shifted_targets(batch["labels"])
+  hidden, _ = model.apply({"params": p}, batch["tokens"], **_model_inputs(batch),
+                          return_hidden=True, rngs=rngs or {}, **extra)
+  targets = shifted_targets(batch["labels"], batch.get("segment_ids"))
   seq_len = targets.shape[1]
   r = seq_len if max_label_tokens <= 0 else min(int(max_label_tokens), seq_len)
   idx, tgt, weight = gather_label_positions(targets, r)
@@ -134,9 +155,9 @@ def full_logits_loss(params: PyTree, model: nn.Module, batch: Batch) -> jax.Arra
   extra = {}
   if isinstance(params, LoraTree):
     params, extra = params.params, {"lora": params.lora}
-  logits, _ = model.apply({"params": params}, batch["tokens"], positions=batch["positions"],
-                          attention_mask=batch["attention_mask"], **extra)
-  targets = shifted_targets(batch["labels"])
+  logits, _ = model.apply({"params": params}, batch["tokens"], **_model_inputs(batch),
+                          **extra)
+  targets = shifted_targets(batch["labels"], batch.get("segment_ids"))
   valid = targets != IGNORE
   ce = token_cross_entropy(logits, jnp.where(valid, targets, 0))
   return jnp.sum(ce * valid) / jnp.maximum(jnp.sum(valid), 1)
@@ -270,7 +291,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
                     rules: mesh_lib.LogicalRules = mesh_lib.DEFAULT_AXIS_RULES,
                     schedule: optax.Schedule | None = None, grad_accum_steps: int = 1,
                     max_label_tokens: int = 0, compute_dtype: jnp.dtype = jnp.float32,
-                    donate: bool = True) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                    donate: bool = True, packed: bool = False
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
   """`jax.jit`-compiled `train_step` with explicit in/out shardings and a donated state.
 
   Args:
@@ -285,6 +307,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
     max_label_tokens: label slots per example (0 = sequence length).
     compute_dtype: forward/backward dtype (bf16 with float32 master params).
     donate: donate the input state's buffers.
+    packed: batches carry `segment_ids` (PACKED_KEYS; packed rows); False = BATCH_KEYS,
+      today's step unchanged.
 
   Returns:
     `step(state, batch) -> (state, metrics)`.
@@ -294,7 +318,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
                                max_label_tokens=max_label_tokens, compute_dtype=compute_dtype)
   kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
   if mesh is not None:
-    batch_shard = {k: train_batch_sharding(mesh, grad_accum_steps) for k in BATCH_KEYS}
+    keys = PACKED_KEYS if packed else BATCH_KEYS
+    batch_shard = {k: train_batch_sharding(mesh, grad_accum_steps) for k in keys}
     kwargs["in_shardings"] = (shardings, batch_shard)
     kwargs["out_shardings"] = (shardings, mesh_lib.replicated(mesh))
   return _with_context(jax.jit(fn, **kwargs), mesh, rules)
@@ -302,14 +327,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
 
 def make_eval_step(model: nn.Module, *, shardings: TrainState | None, mesh: Mesh | None,
                    rules: mesh_lib.LogicalRules = mesh_lib.DEFAULT_AXIS_RULES,
-                   max_label_tokens: int = 0, compute_dtype: jnp.dtype = jnp.float32
-                   ) -> Callable[[TrainState, Batch], dict]:
-  """`jax.jit`-compiled `eval_step` (state not donated)."""
+                   max_label_tokens: int = 0, compute_dtype: jnp.dtype = jnp.float32,
+                   packed: bool = False) -> Callable[[TrainState, Batch], dict]:
+  """`jax.jit`-compiled `eval_step` (state not donated); `packed` as `make_train_step`."""
   fn = lambda s, b: eval_step(s, b, model=model, max_label_tokens=max_label_tokens,
                               compute_dtype=compute_dtype)
   kwargs: dict[str, Any] = {}
   if mesh is not None:
-    batch_shard = {k: mesh_lib.batch_sharding(mesh, 2) for k in BATCH_KEYS}
+    keys = PACKED_KEYS if packed else BATCH_KEYS
+    batch_shard = {k: mesh_lib.batch_sharding(mesh, 2) for k in keys}
     kwargs["in_shardings"] = (shardings, batch_shard)
     kwargs["out_shardings"] = mesh_lib.replicated(mesh)
   return _with_context(jax.jit(fn, **kwargs), mesh, rules)

@@ -139,10 +139,11 @@ def _check_params(params: PyTree, boxed: PyTree) -> None:
                        f"the model expects {b.shape}")
 
 
-def _check_batch(batch: Batch, batch_size: int, max_label_tokens: int, step: int) -> None:
-  for k in step_lib.BATCH_KEYS:
+def _check_batch(batch: Batch, batch_size: int, max_label_tokens: int, step: int,
+                 keys: tuple[str, ...] = step_lib.BATCH_KEYS) -> None:
+  for k in keys:
     if k not in batch:
-      raise KeyError(f"train: batch at step {step} lacks {k!r} (need {step_lib.BATCH_KEYS})")
+      raise KeyError(f"train: batch at step {step} lacks {k!r} (need {keys})")
   local = batch_size // jax.process_count()
   if batch["tokens"].shape[0] != local:
     raise ValueError(f"train: batch at step {step} has {batch['tokens'].shape[0]} rows, "
@@ -197,7 +198,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
           eval_callbacks: Sequence[EvalCallback] = (),
           step_hook: StepHook | None = None,
           mesh: jax.sharding.Mesh | None = None,
-          tx_tail: Any = None) -> TrainResult:
+          tx_tail: Any = None, packed: bool = False) -> TrainResult:
   """Trains (or resumes training) `model` from `params`.
 
   Args:
@@ -222,6 +223,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
     mesh: use this mesh instead of building one from `config.mesh`.
     tx_tail: an optax transform appended after AdamW, e.g. `lora.freeze_rows(n)` to
       keep the original vocabulary rows fixed.
+    packed: the training batches are packed rows with `segment_ids` (`tasks.pack_length`;
+      `step.PACKED_KEYS`); validation batches stay unpacked.
 
   Returns:
     A `TrainResult`.
@@ -295,7 +298,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
 
   step_fn = step_lib.make_train_step(
       model, tx, shardings=shardings, mesh=mesh, rules=rules, schedule=schedule,
-      grad_accum_steps=accum, max_label_tokens=max_label_tokens, compute_dtype=compute_dtype)
+      grad_accum_steps=accum, max_label_tokens=max_label_tokens, compute_dtype=compute_dtype,
+      packed=packed)
+  batch_keys = step_lib.PACKED_KEYS if packed else step_lib.BATCH_KEYS
   eval_fn = step_lib.make_eval_step(model, shardings=shardings, mesh=mesh, rules=rules,
                                     max_label_tokens=max_label_tokens,
                                     compute_dtype=compute_dtype)
@@ -340,8 +345,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
 
   def train_step(state: state_lib.TrainState, batch: Batch) -> tuple[Any, dict[str, Any]]:
     """Host batch -> sharded batch -> one jitted step (its metrics are not read here)."""
-    _check_batch(batch, batch_size, max_label_tokens, loop.step)
-    host = {k: np.asarray(batch[k]) for k in step_lib.BATCH_KEYS}
+    _check_batch(batch, batch_size, max_label_tokens, loop.step, batch_keys)
+    host = {k: np.asarray(batch[k]) for k in batch_keys}
     if accum > 1:
       host = step_lib.split_micro_batches(host, accum)
     dev = mesh_lib.shard_batch_from_host(host, mesh, batch_sharding,
