@@ -492,7 +492,7 @@ def _check_cross(c: ml_collections.ConfigDict, num_devices: int | None) -> None:
 
 
 def _check_rl(c: ml_collections.ConfigDict, num_devices: int | None) -> None:
-  """The rl stage's rules: its update rows split evenly over the mesh's batch axes."""
+  """The rl stage's rules: its update prompts split evenly over the mesh's batch axes."""
   if num_devices is None:
     return
   from lcrec_jax.train import mesh as mesh_lib
@@ -501,11 +501,11 @@ def _check_rl(c: ml_collections.ConfigDict, num_devices: int | None) -> None:
                                         num_devices)
   except ValueError as e:
     raise _fail("mesh", (c.mesh.data, c.mesh.fsdp, c.mesh.tensor), str(e)) from None
-  rows, ways = c.rl.prompts_per_step * c.rl.num_generations, shape[0] * shape[1]
-  if rows % ways:
+  ways = shape[0] * shape[1]
+  if c.rl.prompts_per_step % ways:
     raise _fail("rl.prompts_per_step", c.rl.prompts_per_step,
-                f"x rl.num_generations ({c.rl.num_generations}) = {rows} update rows must be "
-                f"divisible by mesh data*fsdp ({ways} of {num_devices} devices)")
+                f"the update's prompts must be divisible by mesh data*fsdp ({ways} of "
+                f"{num_devices} devices)")
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,

@@ -110,10 +110,25 @@ def test_rollout_is_the_evaluation_beam_search(setup, exclude_seen):
       assert not set(ro.items[i].tolist()) & set(exclude[i].tolist())
   # Teacher forcing over the generated codes gives back the search's beam scores.
   length = max(decoder.bucket_of(len(p)) for p in ids)
-  batch = rollout_lib.update_inputs(ids, ro.codes, np.asarray(code_ids), length, tok.pad_id)
-  logp = grpo.code_token_logprobs(params, model, *(jnp.asarray(batch[k]) for k in
+  inputs = rollout_lib.update_inputs(ids, ro.codes, np.asarray(code_ids), length, tok.pad_id)
+  rows = rollout_lib.full_rows(inputs)
+  logp = grpo.code_token_logprobs(params, model, *(jnp.asarray(rows[k]) for k in
                                   ("tokens", "attention_mask", "positions")), LEVELS)
   np.testing.assert_allclose(np.asarray(logp).sum(1).reshape(len(ids), g), ro.scores, atol=1e-4)
+  # The shared-prompt forward (prompt once, codes per beam) gives the same log-probs and,
+  # differentiated, the same gradient as one full row per beam.
+  shared = grpo.shared_prompt_logprobs(params, model, *(jnp.asarray(inputs[k]) for k in
+                                       ("prompt", "prompt_mask", "code_tokens")))
+  np.testing.assert_allclose(np.asarray(shared), np.asarray(logp), atol=1e-5)
+  w = jnp.asarray(np.random.default_rng(0).normal(size=logp.shape), jnp.float32)
+  g_full = jax.grad(lambda p: jnp.sum(w * grpo.code_token_logprobs(
+      p, model, *(jnp.asarray(rows[k]) for k in ("tokens", "attention_mask", "positions")),
+      LEVELS)))(params)
+  g_shared = jax.grad(lambda p: jnp.sum(w * grpo.shared_prompt_logprobs(
+      p, model, *(jnp.asarray(inputs[k]) for k in ("prompt", "prompt_mask", "code_tokens")))))(
+          params)
+  for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_shared)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=1e-3)
 
 
 def _config(**rl):

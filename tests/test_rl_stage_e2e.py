@@ -14,7 +14,7 @@ import pytest
 
 from tests.test_provenance import ROOT, SMALL
 
-RL = ["--config.rl.num_steps=2", "--config.rl.prompts_per_step=4",
+RL = ["--config.rl.num_steps=2", "--config.rl.prompts_per_step=8",
       "--config.rl.num_generations=4", "--config.rl.prefixes_per_user=1",
       "--config.rl.checkpoint_every=1", "--config.rl.lr=1e-3"]
 

@@ -87,7 +87,7 @@ def test_rl_keys_are_validated_before_any_work():
   c.rl.num_generations = 1
   with pytest.raises(ConfigError, match="rl.num_generations"):
     spec.validate(c, num_devices=8, stages=("rl",))
-  c.rl.num_generations, c.rl.prompts_per_step = 5, 3   # 15 rows over 8 devices
+  c.rl.num_generations, c.rl.prompts_per_step = 5, 12   # 12 prompts over 8 devices
   with pytest.raises(ConfigError, match="rl.prompts_per_step"):
     spec.validate(c, num_devices=8, stages=("rl",))
   spec.validate(c, num_devices=8, stages=("eval",))   # the rule is the rl stage's only

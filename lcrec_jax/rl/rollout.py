@@ -12,9 +12,10 @@ Rollout (:func:`rollout`): ``G = num_generations`` beams per prompt from
 makes (so every beam is a real item, best first), with each prompt's seen items (every
 training item before the target) banned inside the search when asked.
 
-Update inputs (:func:`update_inputs`): each beam as one teacher-forcing row, the prompt
-left-padded to the smallest bucket that holds the step's longest prompt, followed by the
-beam's ``L`` code tokens: ``[P * G, T + L]``, row ``p * G + g`` = beam ``g`` of prompt ``p``.
+Update inputs (:func:`update_inputs`): the prompts once, left-padded to the smallest
+bucket that holds the step's longest prompt (``[P, T]``), and every beam's ``L`` code
+tokens (``[P * G, L]``, row ``p * G + g`` = beam ``g`` of prompt ``p``), for the
+shared-prompt teacher forcing of :func:`lcrec_jax.rl.grpo.shared_prompt_logprobs`.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def rollout(decoder: Any, params: Any, prompts: Sequence[np.ndarray], *, num_gen
 
 def update_inputs(prompts: Sequence[np.ndarray], codes: np.ndarray, code_token_ids: np.ndarray,
                   length: int, pad_id: int) -> dict[str, np.ndarray]:
-  """Teacher-forcing rows ``[P * G, length + L]`` of every beam (see the module docstring).
+  """Teacher-forcing inputs of every beam (see the module docstring).
 
   Args:
     prompts: ``P`` prompt id arrays, each at most ``length`` long.
@@ -138,18 +139,28 @@ def update_inputs(prompts: Sequence[np.ndarray], codes: np.ndarray, code_token_i
     pad_id: the padding token.
 
   Returns:
-    ``tokens``, ``attention_mask``, ``positions``: ``[P * G, T + L]`` int32.
+    ``prompt``, ``prompt_mask``: ``[P, T]`` int32, left-padded; ``code_tokens``
+    ``[P * G, L]`` int32, row ``p * G + g`` = beam ``g`` of prompt ``p``.
   """
   p, g, levels = codes.shape
   code_tok = np.asarray(code_token_ids)[np.arange(levels)[None, None], codes]  # [P, G, L]
-  tokens = np.full((p, g, length + levels), pad_id, np.int32)
-  mask = np.zeros((p, g, length + levels), np.int32)
+  prompt = np.full((p, length), pad_id, np.int32)
+  mask = np.zeros((p, length), np.int32)
   for r, ids in enumerate(prompts):
     if len(ids) > length:
       raise ValueError(f"a {len(ids)}-token prompt does not fit {length} slots")
-    tokens[r, :, length - len(ids):length] = ids
-    mask[r, :, length - len(ids):] = 1
-  tokens[:, :, length:] = code_tok
-  tokens, mask = tokens.reshape(p * g, -1), mask.reshape(p * g, -1)
+    prompt[r, length - len(ids):] = ids
+    mask[r, length - len(ids):] = 1
+  return {"prompt": prompt, "prompt_mask": mask,
+          "code_tokens": code_tok.reshape(p * g, levels).astype(np.int32)}
+
+
+def full_rows(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The same beams as one row each, ``[P * G, T + L]`` (``tokens``, ``attention_mask``,
+  ``positions``): the input of the reference :func:`lcrec_jax.rl.grpo.code_token_logprobs`."""
+  g = inputs["code_tokens"].shape[0] // inputs["prompt"].shape[0]
+  tokens = np.concatenate([np.repeat(inputs["prompt"], g, axis=0), inputs["code_tokens"]], 1)
+  mask = np.concatenate([np.repeat(inputs["prompt_mask"], g, axis=0),
+                         np.ones_like(inputs["code_tokens"])], 1)
   positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
   return {"tokens": tokens, "attention_mask": mask, "positions": positions}

@@ -176,8 +176,8 @@ class _Step:
     host_m["rollout_s"] = t_roll
     dev = self._device({**batch, "advantages": adv.astype(np.float32),
                         "weights": w.reshape(-1).astype(np.float32)})
-    tf = (dev["tokens"], dev["attention_mask"], dev["positions"])
-    n = dev["tokens"].shape[0]
+    tf = (dev["prompt"], dev["prompt_mask"], dev["code_tokens"])
+    n = dev["code_tokens"].shape[0]
     zeros = jnp.zeros((n, self.levels), jnp.float32)
     dev["ref_logp"] = self.logprob_fn(self.ref_params, *tf) if st.beta > 0 else zeros
     dev["old_logp"] = self.logprob_fn(state.params, *tf) if st.num_iterations > 1 else zeros
@@ -269,8 +269,7 @@ def train_rl(config: ml_collections.ConfigDict, out_dir: str, model: nn.Module,
                             num_levels=decoder.index.num_levels, beta=st.beta,
                             clip_eps=st.clip_eps, on_policy=st.num_iterations == 1,
                             compute_dtype=compute_dtype, schedule=schedule),
-      grpo.make_logprob_fn(model, mesh=mesh, rules=rules, num_levels=decoder.index.num_levels,
-                           compute_dtype=compute_dtype),
+      grpo.make_logprob_fn(model, mesh=mesh, rules=rules, compute_dtype=compute_dtype),
       mesh, extra_rewards, weights)
   batches, steps_per_epoch = prompt_batches(len(prompts), st.rollout_prompts, st.seed)
   writer = summaries.MetricsWriter(out_dir, enabled=fs.is_primary(),
