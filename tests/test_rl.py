@@ -81,6 +81,7 @@ def test_prompts_are_training_prefixes_only(setup):
   assert all(len(s) >= len(split.train[u]) - 2 for s, u in zip(last.seen, last.users))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exclude_seen", [False, True])
 def test_rollout_is_the_evaluation_beam_search(setup, exclude_seen):
   dataset, index, tok, model, params, tasks = setup
@@ -184,6 +185,7 @@ def test_grpo_raises_the_expected_reward_on_a_toy_problem(setup, tmp_path):
   assert all(h["kl"] >= 0 for h in hist) and hist[-1]["kl"] > 0
 
 
+@pytest.mark.slow
 def test_resume_gives_the_uninterrupted_params(setup, tmp_path):
   config = _config(zero_adv="skip")
   full = _run(setup, tmp_path / "a", config)

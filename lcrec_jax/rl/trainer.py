@@ -194,6 +194,25 @@ class _Step:
     return state, {**m, **host_m}
 
 
+def _restore_or_init(ckpt: ckpt_lib.Checkpointer, abstract: state_lib.TrainState, ref: PyTree,
+                     tx: Any, shardings: state_lib.TrainState, seed: int
+                     ) -> tuple[state_lib.TrainState, loop_lib.Position, int | None]:
+  """``(state, start position, resumed step)``: the newest checkpoint that loads, else the
+  SFT params as the policy's start (``resumed step`` None)."""
+  resumed_from, restored, data = ckpt.restore_latest(_ckpt_tree(abstract))
+  if resumed_from is None:
+    state = state_lib.create_train_state(ref, tx, shardings, jax.random.PRNGKey(seed), None)
+    return state, loop_lib.Position(), None
+  state = state_lib.TrainState(  # nothing is frozen: the policy is trained whole
+      step=restored["step"], trainable=restored["trainable"],
+      frozen=jax.tree.map(lambda _: None, restored["trainable"]),
+      opt_state=restored["opt_state"], rng=restored["rng"])
+  start = loop_lib.Position(resumed_from, int(data["epoch"]), int(data["step_in_epoch"]))
+  logging.info("rl: resumed from step %d (epoch %d, step %d in epoch)", resumed_from,
+               start.epoch, start.pos)
+  return state, start, resumed_from
+
+
 def prompt_batches(num_prompts: int, per_step: int, seed: int) -> tuple[Callable, int]:
   """``(batches(epoch, pos), steps_per_epoch)``: step ``pos`` of ``epoch`` takes rows
   ``perm[pos * per_step : (pos + 1) * per_step]`` of a permutation seeded by (seed, epoch)."""
@@ -248,20 +267,8 @@ def train_rl(config: ml_collections.ConfigDict, out_dir: str, model: nn.Module,
   ckpt = ckpt_lib.Checkpointer(fs.path(out_dir) / "checkpoints", save_every=st.checkpoint_every,
                                keep=st.keep_checkpoints,
                                async_save=bool(tc.get("async_checkpoint", True)))
-  abstract = state_lib.abstract_state(shardings, boxed, tx, None)
-  resumed_from, restored, data = ckpt.restore_latest(_ckpt_tree(abstract))
-  if resumed_from is not None:
-    state = state_lib.TrainState(  # nothing is frozen: the policy is trained whole
-        step=restored["step"], trainable=restored["trainable"],
-        frozen=jax.tree.map(lambda _: None, restored["trainable"]),
-        opt_state=restored["opt_state"], rng=restored["rng"])
-    start = loop_lib.Position(resumed_from, int(data["epoch"]), int(data["step_in_epoch"]))
-    logging.info("rl: resumed from step %d (epoch %d, step %d in epoch)", resumed_from,
-                 start.epoch, start.pos)
-  else:
-    state = state_lib.create_train_state(ref, tx, shardings,
-                                         jax.random.PRNGKey(st.seed), None)
-    start = loop_lib.Position()
+  state, start, resumed_from = _restore_or_init(
+      ckpt, state_lib.abstract_state(shardings, boxed, tx, None), ref, tx, shardings, st.seed)
   weights = {**st.reward_weights(), **dict(extra_weights or {})}
   step_impl = _Step(
       st, model, decoder, prompts, ref,
