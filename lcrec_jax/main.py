@@ -53,13 +53,13 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS,
   _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every output of the run.",
                                  flag_values=fv)
   _STAGES = flags.DEFINE_list("stages", ["index", "train", "eval"],
-                              "Stages to run (index, train, eval, baseline); run in pipeline "
-                              "order.", flag_values=fv)
+                              "Stages to run (index, train, rl, eval, baseline); run in "
+                              "pipeline order.", flag_values=fv)
   _FORCE = flags.DEFINE_list("force", [], "Stages to re-run even if their outputs are "
                              "complete.", flag_values=fv)
   return fv
 
-STAGE_ORDER = ("index", "train", "eval", "baseline")
+STAGE_ORDER = ("index", "train", "rl", "eval", "baseline")
 
 
 class Pipeline:
@@ -111,6 +111,10 @@ class Pipeline:
     from lcrec_jax.train.stage import run_train_stage
     run_train_stage(self.config, self.workdir, self.dataset, self.index, force=force)
 
+  def run_rl(self, force: bool):
+    from lcrec_jax.rl.stage import run_rl_stage
+    run_rl_stage(self.config, self.workdir, self.dataset, self.index, force=force)
+
   def run_eval(self, force: bool):
     from lcrec_jax.eval.stage import run_eval_stage
     run_eval_stage(self.config, self.workdir, self.dataset, self.index, force=force)
@@ -123,6 +127,7 @@ class Pipeline:
 STAGES: dict[str, Callable[[Pipeline, bool], None]] = {
     "index": Pipeline.run_index,
     "train": Pipeline.run_train,
+    "rl": Pipeline.run_rl,
     "eval": Pipeline.run_eval,
     "baseline": Pipeline.run_baseline,
 }

@@ -265,6 +265,35 @@ KEYS: tuple[Key, ...] = (
             "stage always decodes on the training mesh its restored params live on"),
     Key("eval.exclude_seen", False, bool,
         doc="ban each user's seen items inside the beam search (seen items excluded)"),
+    # --- RL after SFT (lcrec_jax/rl: GRPO with constrained-beam rollouts, the rl stage)
+    Key("rl.num_steps", 100, int, check=_POS, doc="rollout + update steps of the rl stage"),
+    Key("rl.prompts_per_step", 16, int, check=_POS, doc="training prefixes per step (groups)"),
+    Key("rl.num_generations", 16, int, check=_gt(1), doc="beams per prompt (group size)"),
+    Key("rl.num_iterations", 1, int, check=_POS,
+        doc="optimizer steps per rollout batch; > 1 uses the clipped importance ratio"),
+    Key("rl.lr", 1e-5, float, check=_POS),
+    Key("rl.schedule", "constant", str, ("cosine", "linear", "constant")),
+    Key("rl.warmup_steps", 0, int, check=_NONNEG),
+    Key("rl.weight_decay", 0.0, float, check=_NONNEG),
+    Key("rl.max_grad_norm", 1.0, float, doc="<= 0: no clipping"),
+    Key("rl.beta", 1e-3, float, check=_NONNEG, doc="k3 KL weight to the frozen SFT model"),
+    Key("rl.clip_eps", 0.2, float, check=_in(0.0, 1.0), doc="importance-ratio clip"),
+    Key("rl.reward_ranking", 1.0, float, doc="weight of MiniOneRec's ranking reward"),
+    Key("rl.reward_partial", 0.0, float, doc="weight of the per-code-level partial credit"),
+    Key("rl.zero_adv", "keep", str, ("keep", "skip", "oversample"),
+        doc="groups whose beams all miss: keep, drop from the loss, or oversample prompts"),
+    Key("rl.oversample", 2, int, check=_POS, doc="zero_adv = oversample: prompts rolled out "
+        "per step = oversample x prompts_per_step"),
+    Key("rl.exclude_seen", False, bool, doc="ban each prompt's seen items inside the rollout"),
+    Key("rl.prefixes_per_user", 0, int, check=_NONNEG,
+        doc="prompts from each user's last this many training prefixes; 0 = all"),
+    Key("rl.seed", 0, int, check=_NONNEG, doc="prompt order"),
+    Key("rl.rollout_batch_size", 0, int, check=_NONNEG,
+        doc="prompts per beam-search call; 0 = the step's rollout prompts"),
+    Key("rl.checkpoint_every", 50, int, check=_POS),
+    Key("rl.keep_checkpoints", 2, int, check=_POS),
+    Key("rl.eval_every", 0, int, check=_NONNEG,
+        doc="steps between valid HR/NDCG on eval.quick_users users; 0 = at the end only"),
 )
 BY_NAME: dict[str, Key] = {k.name: k for k in KEYS}
 
@@ -496,6 +525,23 @@ def _check_cross(c: ml_collections.ConfigDict, num_devices: int | None) -> None:
                 f"mesh data*fsdp ({shape[0] * shape[1]} of {num_devices} devices)")
 
 
+def _check_rl(c: ml_collections.ConfigDict, num_devices: int | None) -> None:
+  """The rl stage's rules: its update prompts split evenly over the mesh's batch axes."""
+  if num_devices is None:
+    return
+  from lcrec_jax.train import mesh as mesh_lib
+  try:
+    shape = mesh_lib.resolve_mesh_shape((c.mesh.data, c.mesh.fsdp, c.mesh.tensor),
+                                        num_devices)
+  except ValueError as e:
+    raise _fail("mesh", (c.mesh.data, c.mesh.fsdp, c.mesh.tensor), str(e)) from None
+  ways = shape[0] * shape[1]
+  if c.rl.prompts_per_step % ways:
+    raise _fail("rl.prompts_per_step", c.rl.prompts_per_step,
+                f"the update's prompts must be divisible by mesh data*fsdp ({ways} of "
+                f"{num_devices} devices)")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
              stages: Sequence[str] = ("index", "train", "eval")) -> ml_collections.ConfigDict:
   """The resolved, checked config (see the module docstring); raises ConfigError.
@@ -509,6 +555,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   for name, value in _leaves(c).items():
     _check_key(BY_NAME[name], value)
   _check_cross(c, num_devices if "train" in stages else None)
+  if "rl" in stages:
+    _check_rl(c, num_devices)
   if stages:
     _check_paths(c, stages)
   return c

@@ -9,11 +9,12 @@ Layout (the one place that knows it; local or ``gs://``)::
   <workdir>/train/                 train stage: checkpoints, metrics, tokenizer,
                                    examples/ (tokenized task examples, array_record)
   <workdir>/model/                 train stage: the HF export, DONE
+  <workdir>/rl/                    rl stage: checkpoints, metrics, summary.json, DONE
   <workdir>/eval/results.json      eval stage (the file is its DONE)
   <workdir>/baselines/results.json baseline stage (the file is its DONE)
 
 Each stage also writes ``<stage dir>/MANIFEST.json`` (stage dirs: ``index/``, ``model/``,
-``eval/``, ``baselines/``)::
+``rl/``, ``eval/``, ``baselines/``)::
 
   {"stage": "train", "format": 1,
    "reads": {"train.lr": 0.002, ...},        config fields the stage reads (READS, NO_EFFECT)
@@ -72,14 +73,20 @@ from lcrec_jax import fs
 from lcrec_jax.errors import WorkdirError
 
 FORMAT = 1
-STAGES = ("index", "train", "eval", "baseline")
-UPSTREAM = {"index": (), "train": ("index",), "eval": ("index", "train"), "baseline": ()}
+STAGES = ("index", "train", "rl", "eval", "baseline")
+UPSTREAM = {"index": (), "train": ("index",), "rl": ("index", "train"),
+            "eval": ("index", "train", "rl"), "baseline": ()}
+# Upstream stages a stage uses only when they ran: eval evaluates the RL policy when the
+# rl stage finished, the SFT model otherwise (a never-run rl stage is not required).
+OPTIONAL_UPSTREAM = {"eval": ("rl",)}
 # The directory that holds each stage's DONE and MANIFEST.json, and what marks it done.
-_STAGE_DIR = {"index": "index", "train": "model", "eval": "eval", "baseline": "baselines"}
-_DONE = {"index": "DONE", "train": "DONE", "eval": "results.json", "baseline": "DONE"}
+_STAGE_DIR = {"index": "index", "train": "model", "rl": "rl", "eval": "eval",
+              "baseline": "baselines"}
+_DONE = {"index": "DONE", "train": "DONE", "rl": "DONE", "eval": "results.json",
+         "baseline": "DONE"}
 # Directories a from-scratch run removes first (checkpoints included).
-_STATE_DIRS = {"index": ("index",), "train": ("train", "model"), "eval": ("eval",),
-               "baseline": ("baselines",)}
+_STATE_DIRS = {"index": ("index",), "train": ("train", "model"), "rl": ("rl",),
+               "eval": ("eval",), "baseline": ("baselines",)}
 # Outputs whose sizes (and content hashes, files up to _OUTPUT_HASH_LIMIT) go into the
 # manifest when the stage finishes and are checked before it is reused: what the
 # downstream stages and `recommend` read. Paths relative to the workdir; a trailing "/"
@@ -87,16 +94,20 @@ _STATE_DIRS = {"index": ("index",), "train": ("train", "model"), "eval": ("eval"
 # eval stage restores it).
 _OUTPUTS = {"index": ("index/index.json", "index/report.json", "index/DONE"),
             "train": ("model/", "train/tokenizer/", "train/checkpoints/{latest}/"),
+            "rl": ("rl/DONE", "rl/summary.json"),
             "eval": ("eval/results.json",), "baseline": ("baselines/",)}
 _HASH_LIMIT = 1 << 28  # input files
 _OUTPUT_HASH_LIMIT = 1 << 26  # outputs: bigger ones are checked by size (plan-time cost)
 # What an unfinished stage's re-run keeps (the plan line says it).
-_RESUMES = {"index": "resumes from its checkpoints", "train": "resumes from its checkpoints"}
+_RESUMES = {"index": "resumes from its checkpoints", "train": "resumes from its checkpoints",
+            "rl": "resumes from its checkpoints"}
 # Config fields each stage reads ("x." = the whole section, so a key added to a section
 # counts unless listed in NO_EFFECT).
 READS: dict[str, tuple[str, ...]] = {
     "index": ("seed", "data.", "embed.", "rqvae.", "index."),
     "train": ("seed", "data.", "tasks.", "model.", "train."),
+    "rl": ("seed", "data.", "tasks.max_history", "tasks.buckets", "tasks.add_bos", "model.",
+           "train.compute_dtype", "train.b1", "train.b2", "train.eps", "rl."),
     "eval": ("data.", "tasks.max_history", "tasks.buckets", "tasks.add_bos", "eval."),
     "baseline": ("seed", "data.", "baseline."),
 }
@@ -106,7 +117,8 @@ NO_EFFECT = frozenset((
     "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoint",
     "train.log_every", "train.progress_log_s", "train.eval_every",
     "train.peak_flops_per_device", "train.distributed", "train.tensorboard",
-    "train.valid_users", "eval.quick_users", "eval.shard"))
+    "train.valid_users", "eval.quick_users", "eval.shard",
+    "rl.checkpoint_every", "rl.keep_checkpoints", "rl.eval_every", "rl.rollout_batch_size"))
 
 # Fields added after manifests were already written, with the value that reproduces the
 # behaviour before they existed: a manifest without the field reads as that value, so a
@@ -122,7 +134,7 @@ ADDED_DEFAULTS: dict[str, Any] = {
 # a divergence is the same command with a lower learning rate, resuming from the newest
 # finite checkpoint. A finished stage with a changed value still runs from scratch.
 RESUMABLE = frozenset(("train.lr", "train.max_grad_norm", "train.on_nonfinite",
-                       "train.max_nonfinite_skips"))
+                       "train.max_nonfinite_skips", "rl.lr", "rl.max_grad_norm"))
 
 
 def absolute(workdir: str) -> str:
@@ -175,6 +187,16 @@ def examples_dir(workdir: str, process_index: int = 0) -> str:
 def model_dir(workdir: str) -> str:
   """The exported HF model directory."""
   return stage_dir(workdir, "train")
+
+
+def rl_dir(workdir: str) -> str:
+  """The rl stage's checkpoints, metrics and summary."""
+  return stage_dir(workdir, "rl")
+
+
+def rl_finished(workdir: str) -> bool:
+  """Whether the rl stage finished: then eval evaluates its policy, not the SFT model."""
+  return fs.exists(done_path(workdir, "rl"))
 
 
 def results_path(workdir: str) -> str:
@@ -513,6 +535,15 @@ def plan(workdir: str, flat_config: Mapping[str, Any], stages: Sequence[str],
     changes = (_changes(workdir, stage, st.manifest, flat_config)
                if st.manifest else [])
     if stage not in stages:  # an input of a stage that runs: must be current
+      optional = all(stage in OPTIONAL_UPSTREAM.get(s, ()) for s in needed_by)
+      if optional and not st.done:  # e.g. no rl stage: eval evaluates the SFT model
+        continue
+      rerun = [u for u in UPSTREAM[stage] if u in running]
+      if optional and rerun:
+        raise WorkdirError(
+            f"{stage_dir(workdir, stage)} was built on the {rerun[0]} stage that runs again "
+            f"now, and {needed_by[0]} would use it", hint=f"add {stage} to --stages to "
+            f"rebuild it, or remove {stage_dir(workdir, stage)}")
       _needed_input(workdir, stage, st, changes, needed_by[0])
       continue
     step = _decide(workdir, stage, st, changes, [u for u in UPSTREAM[stage] if u in running],

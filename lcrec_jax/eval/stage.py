@@ -1,7 +1,9 @@
 """The eval stage: full-ranking HR/NDCG of the trained model on valid and test.
 
 Restores the trained parameters from the train stage's last checkpoint
-(``<workdir>/train/checkpoints``, :mod:`lcrec_jax.eval.restore`) onto the configured
+(``<workdir>/train/checkpoints``, :mod:`lcrec_jax.eval.restore`), or when the rl stage
+finished its policy (``<workdir>/rl/checkpoints``; ``results["settings"]["policy"]`` says
+which: ``"sft"`` | ``"rl"``), onto the configured
 ``('data', 'fsdp', 'tensor')`` mesh, sharded by the same logical-axis rules as training,
 with LoRA adapters merged on the devices and floating params in ``train.compute_dtype``;
 the model and tokenizer are rebuilt from the recipe exactly as training built them
@@ -49,9 +51,20 @@ def params_mesh(params) -> jax.sharding.Mesh:
   return jax.tree.leaves(params)[0].sharding.mesh
 
 
-def load_trained(config: ml_collections.ConfigDict, workdir: str, index: ItemIndex
+def policy_source(workdir: str) -> str:
+  """Which params eval evaluates: ``"rl"`` when the rl stage finished, else ``"train"``."""
+  return "rl" if workdir_lib.rl_finished(workdir) else "train"
+
+
+def load_trained(config: ml_collections.ConfigDict, workdir: str, index: ItemIndex, *,
+                 source: str | None = None, compute_dtype: str | None = None
                  ) -> tuple[Llama, dict, LCRecTokenizer]:
   """``(model, params, tokenizer)`` of the finished train stage, params sharded on a mesh.
+
+  ``source``: ``"train"`` (the SFT checkpoint), ``"rl"`` (the rl stage's policy, trained
+  whole: every weight from ``<workdir>/rl/checkpoints``, a LoRA SFT model's adapters
+  merged into it), or None (:func:`policy_source`). ``compute_dtype``: the params' dtype
+  (default ``train.compute_dtype``; the rl stage takes float32 master copies).
 
   The model, the tokenizer and the frozen part of the params (a LoRA base) are built
   from the recipe as the train stage built them (a randomly initialised model that was
@@ -60,20 +73,24 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, index: ItemInd
   device, with the rules of ``config.mesh.axis_rules``.
   """
   from lcrec_jax.train.stage import trained_tree  # pylint: disable=g-import-not-at-top
+  source = policy_source(workdir) if source is None else source
+  dtype = config.train.compute_dtype if compute_dtype is None else compute_dtype
   lora = config.model.get("lora", None)
-  full = lora is None or lora.rank <= 0  # every weight comes from the checkpoint
+  # every weight comes from the checkpoint: a full fine-tune, or the RL policy
+  full = lora is None or lora.rank <= 0 or source == "rl"
   model, base, tokenizer = build.build_model(
       config.model, index, config.seed, tokenizer_dir=fs.join(workdir, "train", "tokenizer"),
       abstract=full)
-  tree, mask = trained_tree(config, base, model.config)
+  tree, mask = (base, None) if source == "rl" else trained_tree(config, base, model.config)
   mesh = mesh_lib.make_mesh(config.mesh)
-  ckpt_dir = fs.join(workdir, "train", "checkpoints")
+  ckpt_dir = fs.join(workdir_lib.rl_dir(workdir) if source == "rl" else
+                     workdir_lib.train_dir(workdir), "checkpoints")
   params, step = restore_lib.restore_trained_params(
       ckpt_dir, model, tree, mask, mesh, mesh_lib.axis_rules(config.mesh),
-      compute_dtype=config.train.compute_dtype)
+      compute_dtype=dtype)
   check_finite(params, f"{ckpt_dir} (step {step}): params")  # a diverged model is not evaluated
   logging.info("eval stage: params of step %d restored from %s onto mesh %s (%s)", step,
-               ckpt_dir, dict(mesh.shape), config.train.compute_dtype)
+               ckpt_dir, dict(mesh.shape), dtype)
   return model, params, tokenizer
 
 
@@ -95,6 +112,7 @@ def run_eval_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Dat
                                         mesh=params_mesh(params)))
     # the run's seeds, so that lcrec_jax/eval/quality_table.py can average over runs
     results["seed"] = {"seed": int(config.seed), "train_seed": int(config.train.seed)}
+    results["settings"]["policy"] = "rl" if policy_source(workdir) == "rl" else "sft"
     evaluate_lib.write_results(results, workdir)  # process 0 only
     fs.barrier("eval_stage_written")
   text = report.format_results(results)
