@@ -189,45 +189,84 @@ def _field_of(loc: tuple) -> str:
   return out or "body"
 
 
-def create_app(engine: Engine, settings: Settings = Settings()) -> FastAPI:
-  """The ASGI app; the model is compiled (``settings.warmup``) in a thread at start-up,
-  and ``/readyz`` answers 200 only after it."""
-  metrics = Metrics(settings.max_batch)
-  batcher = Batcher(engine.run_batch, max_batch=settings.max_batch,
-                    max_wait_s=settings.max_wait_ms / 1000, queue_size=settings.queue_size,
-                    on_batch=metrics.on_batch)
-  metrics.queue_depth.set_function(batcher.depth)
-  ready = threading.Event()
-  state: dict[str, Any] = {"warmup": [], "error": None}
+class _Service:
+  """What the routes share: the engine, the batcher, readiness, request parsing."""
 
-  def warm() -> None:
+  def __init__(self, engine: Engine, settings: Settings):
+    self.engine, self.settings = engine, settings
+    self.metrics = Metrics(settings.max_batch)
+    self.batcher = Batcher(engine.run_batch, max_batch=settings.max_batch,
+                           max_wait_s=settings.max_wait_ms / 1000,
+                           queue_size=settings.queue_size, on_batch=self.metrics.on_batch)
+    self.metrics.queue_depth.set_function(self.batcher.depth)
+    self.ready = threading.Event()
+    self.compiled: list[tuple[int, int, float]] = []
+    self.error: str | None = None
+
+  def warm(self) -> None:
+    """Compiles every (bucket, batch size) (``settings.warmup``), then sets ready."""
     try:
-      if settings.warmup:
-        state["warmup"] = engine.warmup()
-        log.info("compiled %d (bucket, batch size) shapes in %.1f s", len(state["warmup"]),
-                 sum(s for *_, s in state["warmup"]))
-      ready.set()
-      metrics.ready.set(1)
+      if self.settings.warmup:
+        self.compiled = self.engine.warmup()
+        log.info("compiled %d (bucket, batch size) shapes in %.1f s", len(self.compiled),
+                 sum(s for *_, s in self.compiled))
+      self.ready.set()
+      self.metrics.ready.set(1)
     except Exception as e:  # pylint: disable=broad-except
       log.exception("warm-up failed")
-      state["error"] = f"{type(e).__name__}: {e}"
+      self.error = f"{type(e).__name__}: {e}"
 
-  @contextlib.asynccontextmanager
-  async def lifespan(_app: FastAPI):
-    await batcher.start()
-    warm_task = asyncio.create_task(asyncio.to_thread(warm))
+  def parse(self, req: RecommendRequest, prefix: str = ""):
+    """The engine's Query for a request; a bad field is a FieldError named with ``prefix``."""
+    entries, limits = req.history, self.settings
+    if isinstance(entries, str):
+      entries = entries.split(";")
+      while entries and not entries[-1].strip():
+        entries.pop()
+    if len(entries) > limits.max_history:
+      raise FieldError(f"{prefix}history",
+                       f"{len(entries)} entries, at most {limits.max_history}")
+    for i, e in enumerate(entries):
+      if len(str(e)) > limits.max_entry_chars:
+        raise FieldError(f"{prefix}history[{i}]",
+                         f"longer than {limits.max_entry_chars} characters")
     try:
-      yield
-    finally:
-      await batcher.stop()  # every accepted query answered before the process exits
-      await warm_task
+      return self.engine.query(self.engine.resolve(entries), req.k, req.exclude_seen,
+                               req.template)
+    except FieldError as e:
+      raise FieldError(prefix + e.field, str(e).split(": ", 1)[1], e.closest) from None
 
-  app = FastAPI(title="lcrec-jax", lifespan=lifespan,
-                description="Top-K items from a finished lcrec-jax run.")
-  app.state.engine, app.state.batcher, app.state.ready = engine, batcher, ready
+  def answer(self, query, items) -> dict[str, Any]:
+    return {"items": items, "history": [self.engine.item_json(i) for i in query.history],
+            "k": query.k, "template": query.template, "exclude_seen": bool(query.exclude)}
+
+  async def decode(self, queries: list) -> list | JSONResponse:
+    """The answers, or the 503 to send (not ready, queue full, deadline passed)."""
+    if not self.ready.is_set():
+      return _error(503, self.error or "the model is still compiling (see /readyz)",
+                    retry_after=5)
+    try:
+      return await self.batcher.submit(queries, self.settings.deadline_ms / 1000)
+    except Overloaded as e:
+      return _error(503, str(e), retry_after=e.retry_after)
+    except DeadlineExceeded as e:
+      return _error(503, str(e), retry_after=self.batcher.retry_after())
+
+
+def _bad_field(e: FieldError) -> JSONResponse:
+  extra = {"closest": e.closest} if e.closest else {}
+  return _error(422, str(e), e.field, **extra)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+  """Every error as ``{"error", "field"}`` JSON; an unexpected one as a bare 500."""
 
   @app.exception_handler(RequestValidationError)
-  async def _invalid(_req: Request, exc: RequestValidationError):
+  async def _invalid(req: Request, exc: RequestValidationError):
+    ctype = req.headers.get("content-type", "")
+    if req.method == "POST" and "json" not in ctype:
+      return _error(422, f"body: send JSON with Content-Type: application/json (got "
+                         f"{ctype or 'none'!r})", "body")
     errs = exc.errors()
     first = errs[0] if errs else {"loc": ("body",), "msg": "invalid request"}
     field = _field_of(tuple(first.get("loc", ("body",))))
@@ -245,75 +284,52 @@ def create_app(engine: Engine, settings: Settings = Settings()) -> FastAPI:
     log.error("internal error: %s: %s", type(exc).__name__, exc)
     return _error(500, "internal error (logged by the server)")
 
-  def parse(req: RecommendRequest, prefix: str = ""):
-    entries = req.history
-    if isinstance(entries, str):
-      entries = entries.split(";")
-      while entries and not entries[-1].strip():
-        entries.pop()
-    if len(entries) > settings.max_history:
-      raise FieldError(f"{prefix}history", f"{len(entries)} entries, at most "
-                                           f"{settings.max_history}")
-    for i, e in enumerate(entries):
-      if len(str(e)) > settings.max_entry_chars:
-        raise FieldError(f"{prefix}history[{i}]",
-                         f"longer than {settings.max_entry_chars} characters")
-    try:
-      hist = engine.resolve(entries)
-    except FieldError as e:
-      raise FieldError(prefix + e.field, str(e).split(": ", 1)[1], e.closest) from None
-    try:
-      query = engine.query(hist, req.k, req.exclude_seen, req.template)
-    except FieldError as e:
-      raise FieldError(prefix + e.field, str(e).split(": ", 1)[1]) from None
-    return query
 
-  def answer(query) -> dict[str, Any]:
-    return {"history": [engine.item_json(i) for i in query.history], "k": query.k,
-            "template": query.template, "exclude_seen": bool(query.exclude)}
+def create_app(engine: Engine, settings: Settings = Settings()) -> FastAPI:
+  """The ASGI app; the model is compiled (``settings.warmup``) in a thread at start-up,
+  and ``/readyz`` answers 200 only after it. Routes: the module docstring."""
+  svc = _Service(engine, settings)
 
-  async def decode(queries: list) -> list | JSONResponse:
-    if not ready.is_set():
-      return _error(503, state["error"] or "the model is still compiling (see /readyz)",
-                    retry_after=5)
+  @contextlib.asynccontextmanager
+  async def lifespan(_app: FastAPI):
+    await svc.batcher.start()
+    warm_task = asyncio.create_task(asyncio.to_thread(svc.warm))
     try:
-      return await batcher.submit(queries, settings.deadline_ms / 1000)
-    except Overloaded as e:
-      return _error(503, str(e), retry_after=e.retry_after)
-    except DeadlineExceeded as e:
-      return _error(503, str(e), retry_after=batcher.retry_after())
+      yield
+    finally:
+      await svc.batcher.stop()  # every accepted query answered before the process exits
+      await warm_task
 
-  def bad_field(e: FieldError) -> JSONResponse:
-    extra = {"closest": e.closest} if e.closest else {}
-    return _error(422, str(e), e.field, **extra)
+  app = FastAPI(title="lcrec-jax", lifespan=lifespan,
+                description="Top-K items from a finished lcrec-jax run.")
+  app.state.service = svc
+  _install_error_handlers(app)
 
   @app.post("/v1/recommend")
   async def recommend(req: RecommendRequest):
     """Top-k items for one history."""
     try:
-      query = parse(req)
+      query = svc.parse(req)
     except FieldError as e:
-      return bad_field(e)
-    out = await decode([query])
-    if isinstance(out, JSONResponse):
-      return out
-    return {"items": out[0], **answer(query)}
+      return _bad_field(e)
+    out = await svc.decode([query])
+    return out if isinstance(out, JSONResponse) else svc.answer(query, out[0])
 
   @app.post("/v1/recommend:batch")
   async def recommend_batch(req: BatchRequest):
-    """Top-k items for several histories (each as ``/v1/recommend``)."""
+    """Top-k items for several histories (each as ``/v1/recommend``), in order."""
     n = len(req.requests)
     if not 1 <= n <= settings.max_batch_requests:
       return _error(422, f"requests: {n} entries, give 1 to {settings.max_batch_requests}",
                     "requests")
     try:
-      queries = [parse(r, f"requests[{i}].") for i, r in enumerate(req.requests)]
+      queries = [svc.parse(r, f"requests[{i}].") for i, r in enumerate(req.requests)]
     except FieldError as e:
-      return bad_field(e)
-    out = await decode(queries)
+      return _bad_field(e)
+    out = await svc.decode(queries)
     if isinstance(out, JSONResponse):
       return out
-    return {"results": [{"items": o, **answer(q)} for q, o in zip(queries, out)]}
+    return {"results": [svc.answer(q, o) for q, o in zip(queries, out)]}
 
   @app.get("/v1/items")
   async def items(q: str = Query(..., min_length=1, max_length=settings.max_entry_chars),
@@ -327,17 +343,16 @@ def create_app(engine: Engine, settings: Settings = Settings()) -> FastAPI:
 
   @app.get("/readyz")
   async def readyz():
-    body = {"ready": ready.is_set(), "queue_depth": batcher.depth(),
+    body = {"ready": svc.ready.is_set(), "queue_depth": svc.batcher.depth(),
             "batch_sizes": list(engine.batch_sizes), "max_k": engine.max_k,
-            "compiled": len(state["warmup"])}
-    if state["error"]:
-      body["error"] = state["error"]
-    return JSONResponse(body, status_code=200 if ready.is_set() else 503)
+            "compiled": len(svc.compiled), **({"error": svc.error} if svc.error else {})}
+    return JSONResponse(body, status_code=200 if svc.ready.is_set() else 503)
 
   @app.get("/metrics")
   async def metrics_text():
-    return Response(prom.generate_latest(metrics.registry), media_type=prom.CONTENT_TYPE_LATEST)
+    return Response(prom.generate_latest(svc.metrics.registry),
+                    media_type=prom.CONTENT_TYPE_LATEST)
 
-  paths = {r.path for r in app.routes}
-  app.add_middleware(_Guard, settings=settings, metrics=metrics, paths=paths)
+  app.add_middleware(_Guard, settings=settings, metrics=svc.metrics,
+                     paths={r.path for r in app.routes})
   return app
