@@ -270,6 +270,16 @@ def test_http_oversized_bad_json_items_and_probes(client):
   big = client.post("/v1/recommend", content=b'{"history": ["' + b"1" * 5000 + b'"]}',
                     headers={"content-type": "application/json"})
   assert big.status_code == 422 and big.json()["field"] == "body"
+  def chunks():  # no Content-Length: counted as it arrives
+    yield b'{"history": ["'
+    for _ in range(100):
+      yield b"1" * 50
+    yield b'"]}'
+  chunked = client.post("/v1/recommend", content=chunks(),
+                        headers={"content-type": "application/json"})
+  assert chunked.status_code == 422 and chunked.json()["field"] == "body"
+  form = client.post("/v1/recommend", content=b'{"history": ["50"]}')
+  assert form.status_code == 422 and "Content-Type: application/json" in form.json()["error"]
   bad = client.post("/v1/recommend", content=b"{not json",
                     headers={"content-type": "application/json"})
   assert bad.status_code == 422 and "Traceback" not in bad.text
@@ -317,6 +327,27 @@ def test_http_overload_gives_503_and_answers_every_accepted_request(served):
   by_number = {it.item_id: i for i, it in enumerate(served[1].dataset.items)}
   assert sorted(h for (h,) in computed) == sorted(by_number[i] for i in ok)
   assert f'status="503"}} {float(codes.count(503))}' in metrics
+
+
+@pytest.mark.slow
+def test_http_engine_failure_is_a_bare_500_and_the_server_goes_on(served):
+  from fastapi.testclient import TestClient
+  from lcrec_jax.serve.app import Settings, create_app
+  engine = copy.copy(served[2])
+
+  def flaky(queries):
+    if any(q.history == (0,) for q in queries):
+      raise RuntimeError("device lost")
+    return served[2].run_batch(queries)
+
+  engine.run_batch = flaky
+  app = create_app(engine, Settings(max_batch=1, warmup=False))
+  with TestClient(app, raise_server_exceptions=False) as c:
+    _wait_ready(c)
+    r = c.post("/v1/recommend", json={"history": ["1"], "k": 2})
+    assert r.status_code == 500 and r.json() == {"error": "internal error (logged by the server)"}
+    assert "Traceback" not in r.text and "device lost" not in r.text
+    assert c.post("/v1/recommend", json={"history": ["2"], "k": 2}).status_code == 200
 
 
 @pytest.mark.slow
