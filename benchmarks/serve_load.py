@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import collections
 import json
+import math
 import os
 import random
 import time
@@ -37,7 +38,7 @@ def percentile(xs: list[float], q: float) -> float:
   if not xs:
     return float("nan")
   xs = sorted(xs)
-  return xs[min(len(xs) - 1, max(0, int(round(q * len(xs) + 0.5)) - 1))]
+  return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
 
 
 def history(rng: random.Random, num_items: int) -> list[str]:

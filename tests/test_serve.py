@@ -433,3 +433,20 @@ def test_server_process_answers_then_drains_on_sigterm(served):
   finally:
     if proc.poll() is None:
       proc.kill()
+
+
+# --- the load benchmark --------------------------------------------------------------------
+
+
+def test_serve_load_percentile_and_loopback_only():
+  import math
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import serve_load
+  xs = [float(x) for x in range(1, 101)]  # nearest rank: the ceil(q * n)-th smallest
+  for q in (0.5, 0.95, 0.99, 1.0):
+    assert serve_load.percentile(xs[::-1], q) == xs[math.ceil(q * len(xs)) - 1]
+  assert math.isnan(serve_load.percentile([], 0.5))
+  out = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "serve_load.py"),
+                        "--url=http://10.1.2.3:8080"], capture_output=True, text=True,
+                       timeout=60)
+  assert out.returncode == 2 and "loopback hosts only" in out.stderr
