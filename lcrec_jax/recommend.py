@@ -29,6 +29,7 @@ from typing import Any, NamedTuple, Sequence
 
 from absl import app, flags
 import ml_collections
+import numpy as np
 
 from lcrec_jax import cli, fs
 from lcrec_jax.errors import UserError
@@ -212,6 +213,27 @@ class ItemMatcher:
       entries.pop()
     return [self.resolve(e) for e in entries]
 
+  def search(self, query: str, limit: int = MAX_LISTED) -> list[int]:
+    """Item numbers for ``query``, best first: the item with this id; else the titles equal
+    to it, then those containing it; else close spellings (the cut-offs of :meth:`resolve`,
+    then its looser suggestion cut-off)."""
+    q = query.strip()
+    if not q:
+      return []
+    ident = q[1:-1].strip() if q.startswith("[") and q.endswith("]") else q
+    if ident in self.by_id:
+      return [self.by_id[ident]]
+    nq = _norm(q)
+    exact = self.by_key.get(nq, [])
+    found = exact + [i for i, (_, d) in enumerate(self.keys) if nq in d and i not in exact]
+    if not found:
+      for cutoff in (FUZZY_CUTOFF, SUGGEST_CUTOFF):
+        close = difflib.get_close_matches(nq, list(self.by_key), n=limit, cutoff=cutoff)
+        found = list(dict.fromkeys(i for key in close for i in self.by_key[key]))
+        if found:
+          break
+    return found[:limit]
+
 
 # --- recommending -------------------------------------------------------------------------
 
@@ -235,40 +257,70 @@ def recommend(run: FinishedRun, history: Sequence[int], k: int = 10, *,
     fewer than ``k`` only when the catalogue (minus the history) is smaller.
   """
   from lcrec_jax.eval import evaluate as ev  # pylint: disable=g-import-not-at-top
-  from lcrec_jax.tasks import prompts  # pylint: disable=g-import-not-at-top
 
   if k < 1:
     raise RecommendError(f"--k must be >= 1, got {k}")
   if not history:
     raise RecommendError("the history is empty")
-  cfg = run.config
-  cfg_tasks = cfg.get("tasks", {})
-  cfg_eval = cfg.get("eval", {}) or {}
+  template_id = check_template(run, template_id)
+  prompt = history_prompt(run, history, template_id)
+  if decoder is None:
+    decoder = ev.Decoder(run.model, run.tokenizer, run.index, run.config.get("tasks", {})
+                         .get("buckets"))
+  # History items are banned inside the beam search (trie mode), so every beam is a
+  # candidate; the position mask drops them after the search, hence the extra beams.
+  skip = [] if include_history else sorted(set(int(i) for i in history))
+  extra = len(skip) if mode == "position" else 0
+  items, scores = decoder.rank(run.params, [prompt], num_beams=beam_width(run, k + extra),
+                               mode=mode, batch_size=1, exclude=[skip] if skip else None)
+  return ranked_items(run, items[0], scores[0], k)
+
+
+# --- shared with lcrec_jax.serve ----------------------------------------------------------
+
+
+def check_template(run: FinishedRun, template_id: int | None) -> int:
+  """The seqrec template to use: ``template_id``, else the first of ``eval.template_ids``
+  (else 0); an out-of-range one is a :class:`RecommendError` naming ``--template``."""
+  from lcrec_jax.tasks import prompts  # pylint: disable=g-import-not-at-top
   if template_id is None:
+    cfg_eval = run.config.get("eval", {}) or {}
     tids = cfg_eval.get("template_ids", None) if cfg_eval else None
     template_id = int(tids[0]) if tids else 0
   num_templates = len(prompts.templates("seqrec"))
   if not 0 <= int(template_id) < num_templates:
     raise RecommendError(f"--template={template_id}: there are {num_templates} seqrec "
                          f"templates, numbered 0 to {num_templates - 1}")
+  return int(template_id)
+
+
+def history_prompt(run: FinishedRun, history: Sequence[int], template_id: int):
+  """``[len]`` int32 seqrec prompt ids for item numbers ``history`` (oldest first; the last
+  ``tasks.max_history`` are shown), exactly as the eval stage builds them."""
+  from lcrec_jax.eval import evaluate as ev  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.tasks import prompts  # pylint: disable=g-import-not-at-top
+  cfg_tasks = run.config.get("tasks", {})
   max_history = int(cfg_tasks.get("max_history", 20))
   shown = [int(i) for i in history][-max_history:]
   codes = prompts.HISTORY_SEP.join(run.index.item_code_str(i) for i in shown)
   instruction, _ = prompts.templates("seqrec")[template_id].render({"history": codes,
                                                                     "item": ""})
-  prompt = ev.eval_prompt_ids(run.tokenizer, instruction, cfg_tasks, run.index.num_levels)
-  if decoder is None:
-    decoder = ev.Decoder(run.model, run.tokenizer, run.index, cfg_tasks.get("buckets"))
-  # History items are banned inside the beam search (trie mode), so every beam is a
-  # candidate; the position mask drops them after the search, hence the extra beams.
-  skip = [] if include_history else sorted(set(int(i) for i in history))
+  return ev.eval_prompt_ids(run.tokenizer, instruction, cfg_tasks, run.index.num_levels)
+
+
+def beam_width(run: FinishedRun, k: int) -> int:
+  """Beams of the search for ``k`` answers: ``eval.num_beams`` (20), more for a larger ``k``,
+  at most the catalogue."""
+  cfg_eval = run.config.get("eval", {}) or {}
   base = int(cfg_eval.get("num_beams", 20)) if cfg_eval else 20
-  extra = len(skip) if mode == "position" else 0
-  num_beams = min(run.index.num_items, max(base, k + extra))
-  items, scores = decoder.rank(run.params, [prompt], num_beams=num_beams, mode=mode,
-                               batch_size=1, exclude=[skip] if skip else None)
+  return min(run.index.num_items, max(base, k))
+
+
+def ranked_items(run: FinishedRun, items: Sequence[int], scores: Sequence[float], k: int
+                 ) -> list[dict[str, Any]]:
+  """The answer rows for one ``[beams]`` row of items (``-1`` = none) and scores."""
   out = []
-  for item, score in zip(items[0].tolist(), scores[0].tolist()):
+  for item, score in zip(np.asarray(items).tolist(), np.asarray(scores).tolist()):
     if item < 0:
       continue
     it = run.dataset.items[item]
