@@ -8,6 +8,8 @@ evaluation's constrained beam search over training prefixes (lcrec_jax/rl):
       --stages=index,train,rl,eval
 
 The eval stage then evaluates the RL policy (results.json settings.policy = "rl").
+Measured (BENCHMARKS.md, "RL stage"): these settings LOWER test NDCG@10 by 12% under both
+protocols; a starting point for tuning, not a better model.
 """
 
 from lcrec_jax import spec
