@@ -172,7 +172,9 @@ class _Guard:
         resp.headers["WWW-Authenticate"] = "Bearer"
         await resp(scope, receive, send_status)
       elif counted and scope["method"] == "POST" and self.batcher.full():
-        # A full queue refuses before the body is read or parsed: shedding stays cheap.
+        # A full queue refuses before the body is parsed (shedding stays cheap); the body
+        # is still read, so the connection stays usable for the client's next request.
+        await _drain(receive, limit)
         await _error(503, f"the request queue is full ({self.batcher.depth()} waiting)",
                      retry_after=self.batcher.retry_after())(scope, receive, send_status)
       elif length is not None and (not length.isdigit() or int(length) > limit):
@@ -185,6 +187,17 @@ class _Guard:
         self.metrics.in_flight.dec()
       self.metrics.requests.labels(path, str(status[0])).inc()
       self.metrics.latency.labels(path).observe(time.perf_counter() - t0)
+
+
+async def _drain(receive: Any, limit: int) -> None:
+  """Reads (and drops) a request body of up to ``limit`` bytes."""
+  seen, more = 0, True
+  while more and seen <= limit:
+    message = await receive()
+    if message["type"] != "http.request":
+      return
+    seen += len(message.get("body", b""))
+    more = message.get("more_body", False)
 
 
 def _field_of(loc: tuple) -> str:
