@@ -3,9 +3,10 @@
   python -m lcrec_jax.serve --workdir=runs/ml100k --port=8080 &
   python benchmarks/serve_load.py --url=http://127.0.0.1:8080 --clients=32 --seconds=30 --k=10
 
-Each client sends ``POST /v1/recommend`` requests back to back (a fresh seeded history of
-5-20 item ids out of ``--num_items`` each time; MovieLens ids are 1..1682) and waits for
-the answer. Reports, as one json line: requests per second answered 200, latency
+Each client (one keep-alive HTTP/1.1 connection; a minimal asyncio client, so that it takes
+little of the CPU it shares with the server) sends ``POST /v1/recommend`` requests back to
+back (a fresh seeded history of 5-20 item ids out of ``--num_items`` each time; MovieLens
+ids are 1..1682) and waits for the answer. Reports, as one json line: requests per second answered 200, latency
 p50/p95/p99 of the 200s (ms), counts by status (and ``error:<kind>`` for connection
 errors), the batch sizes the server reports (``/metrics``) and the load average.
 ``--rate=R`` instead sends R requests per second in total (open loop, e.g. to overload a
@@ -45,12 +46,52 @@ def history(rng: random.Random, num_items: int) -> list[str]:
   return [str(rng.randint(1, num_items)) for _ in range(rng.randint(5, 20))]
 
 
-async def one(client: httpx.AsyncClient, body: dict, stats: dict) -> None:
+class Connection:
+  """One HTTP/1.1 keep-alive connection, as little client CPU per request as possible (the
+  client shares the machine with the server it measures)."""
+
+  def __init__(self, host: str, port: int, headers: dict):
+    self.host, self.port = host, port
+    self.extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    self.reader = self.writer = None
+
+  async def post(self, path: str, body: bytes) -> int:
+    """The response status (the body is read and dropped)."""
+    if self.writer is None:
+      self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+    self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: "
+                      f"application/json\r\nContent-Length: {len(body)}\r\n{self.extra}\r\n"
+                      .encode() + body)
+    await self.writer.drain()
+    line = await self.reader.readline()
+    if not line:
+      raise ConnectionResetError("closed by the server")
+    status, length, close = int(line.split()[1]), 0, False
+    while (line := await self.reader.readline()) not in (b"\r\n", b""):
+      key, _, value = line.decode("latin-1").partition(":")
+      key = key.strip().lower()
+      if key == "content-length":
+        length = int(value)
+      elif key == "connection":
+        close = value.strip().lower() == "close"
+    await self.reader.readexactly(length)
+    if close:
+      self.close()
+    return status
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
+    self.reader = self.writer = None
+
+
+async def one(conn: Connection, body: dict, stats: dict, timeout: float) -> None:
   t0 = time.perf_counter()
   try:
-    r = await client.post("/v1/recommend", json=body)
-    key = str(r.status_code)
-  except httpx.HTTPError as e:
+    key = str(await asyncio.wait_for(conn.post("/v1/recommend", json.dumps(body).encode()),
+                                     timeout))
+  except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
+    conn.close()
     key = f"error:{type(e).__name__}"
   dt = time.perf_counter() - t0
   stats["status"][key] += 1
@@ -58,29 +99,40 @@ async def one(client: httpx.AsyncClient, body: dict, stats: dict) -> None:
     stats["latency"].append(dt)
 
 
-async def closed_loop(client, args, stats, stop_at: float) -> None:
+async def closed_loop(new_conn, args, stats, stop_at: float) -> None:
   async def worker(i: int) -> None:
-    rng = random.Random(args.seed * 1000 + i)
+    rng, conn = random.Random(args.seed * 1000 + i), new_conn()
     while time.perf_counter() < stop_at:
-      await one(client, {"history": history(rng, args.num_items), "k": args.k}, stats)
+      await one(conn, {"history": history(rng, args.num_items), "k": args.k}, stats,
+                args.timeout)
+    conn.close()
   await asyncio.gather(*(worker(i) for i in range(args.clients)))
 
 
-async def open_loop(client, args, stats, stop_at: float) -> None:
-  rng, tasks, t0 = random.Random(args.seed), set(), time.perf_counter()
-  n = 0
+async def open_loop(new_conn, args, stats, stop_at: float) -> None:
+  rng, tasks, idle, t0 = random.Random(args.seed), set(), [], time.perf_counter()
+  opened = n = 0
+
+  async def send(conn):
+    await one(conn, {"history": history(rng, args.num_items), "k": args.k}, stats,
+              args.timeout)
+    idle.append(conn)
+
   while time.perf_counter() < stop_at:
-    due = t0 + n / args.rate
-    await asyncio.sleep(max(0.0, due - time.perf_counter()))
-    if len(tasks) < args.clients:  # at most --clients open requests
-      t = asyncio.create_task(one(client, {"history": history(rng, args.num_items),
-                                           "k": args.k}, stats))
-      tasks.add(t)
-      t.add_done_callback(tasks.discard)
-    else:
-      stats["status"]["not_sent:client_limit"] += 1
+    await asyncio.sleep(max(0.0, t0 + n / args.rate - time.perf_counter()))
     n += 1
+    if not idle and opened < args.clients:  # at most --clients open requests
+      idle.append(new_conn())
+      opened += 1
+    if not idle:
+      stats["status"]["not_sent:client_limit"] += 1
+      continue
+    t = asyncio.create_task(send(idle.pop()))
+    tasks.add(t)
+    t.add_done_callback(tasks.discard)
   await asyncio.gather(*tasks)
+  for conn in idle:
+    conn.close()
 
 
 def batch_sizes(url: str, headers: dict) -> dict[str, float]:
@@ -96,20 +148,22 @@ def batch_sizes(url: str, headers: dict) -> dict[str, float]:
 
 async def run(args) -> dict:
   headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-  limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
   before = batch_sizes(args.url, headers)
   stats = {"status": collections.Counter(), "latency": []}
-  async with httpx.AsyncClient(base_url=args.url, headers=headers, limits=limits,
-                               timeout=args.timeout) as client:
-    warm = await client.post("/v1/recommend", json={"history": ["1", "2"], "k": args.k})
-    warm.raise_for_status()
-    t0 = time.perf_counter()
-    stop_at = t0 + args.seconds
-    if args.rate:
-      await open_loop(client, args, stats, stop_at)
-    else:
-      await closed_loop(client, args, stats, stop_at)
-    wall = time.perf_counter() - t0
+  parts = urllib.parse.urlsplit(args.url)
+  new_conn = lambda: Connection(parts.hostname, parts.port or 80, headers)  # noqa: E731
+  warm = new_conn()
+  if await warm.post("/v1/recommend", json.dumps({"history": ["1", "2"], "k": args.k})
+                     .encode()) != 200:
+    raise SystemExit(f"{args.url}/v1/recommend does not answer 200 (is it ready?)")
+  warm.close()
+  t0 = time.perf_counter()
+  stop_at = t0 + args.seconds
+  if args.rate:
+    await open_loop(new_conn, args, stats, stop_at)
+  else:
+    await closed_loop(new_conn, args, stats, stop_at)
+  wall = time.perf_counter() - t0
   after = batch_sizes(args.url, headers)
   calls = after.get("lcrec_serve_batch_size_count", 0) - before.get(
       "lcrec_serve_batch_size_count", 0)

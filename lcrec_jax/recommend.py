@@ -294,7 +294,7 @@ def check_template(run: FinishedRun, template_id: int | None) -> int:
   return int(template_id)
 
 
-def history_prompt(run: FinishedRun, history: Sequence[int], template_id: int):
+def history_prompt(run: FinishedRun, history: Sequence[int], template_id: int) -> np.ndarray:
   """``[len]`` int32 seqrec prompt ids for item numbers ``history`` (oldest first; the last
   ``tasks.max_history`` are shown), exactly as the eval stage builds them."""
   from lcrec_jax.eval import evaluate as ev  # pylint: disable=g-import-not-at-top

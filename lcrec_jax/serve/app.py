@@ -124,10 +124,12 @@ def _error(status: int, message: str, field: str | None = None, retry_after: int
 
 
 class _Guard:
-  """Pure ASGI middleware: body size, bearer token, request metrics (outermost layer)."""
+  """Pure ASGI middleware (outermost): bearer token, full queue, body size, metrics."""
 
-  def __init__(self, app: Any, settings: Settings, metrics: Metrics, paths: set[str]):
+  def __init__(self, app: Any, settings: Settings, metrics: Metrics, paths: set[str],
+               batcher: Batcher):
     self.app, self.settings, self.metrics, self.paths = app, settings, metrics, paths
+    self.batcher = batcher
     self._key = settings.api_key.encode() if settings.api_key else None
 
   def _authorized(self, scope: dict) -> bool:
@@ -169,6 +171,12 @@ class _Guard:
         resp = _error(401, "missing or wrong bearer token (Authorization: Bearer <key>)")
         resp.headers["WWW-Authenticate"] = "Bearer"
         await resp(scope, receive, send_status)
+      elif counted and scope["method"] == "POST" and self.batcher.full():
+        # A full queue refuses before the body is parsed (shedding stays cheap); the body
+        # is still read, so the connection stays usable for the client's next request.
+        await _drain(receive, limit)
+        await _error(503, f"the request queue is full ({self.batcher.depth()} waiting)",
+                     retry_after=self.batcher.retry_after())(scope, receive, send_status)
       elif length is not None and (not length.isdigit() or int(length) > limit):
         await _error(422, f"body: larger than {limit} bytes", "body")(scope, receive,
                                                                       send_status)
@@ -179,6 +187,17 @@ class _Guard:
         self.metrics.in_flight.dec()
       self.metrics.requests.labels(path, str(status[0])).inc()
       self.metrics.latency.labels(path).observe(time.perf_counter() - t0)
+
+
+async def _drain(receive: Any, limit: int) -> None:
+  """Reads (and drops) a request body of up to ``limit`` bytes."""
+  seen, more = 0, True
+  while more and seen <= limit:
+    message = await receive()
+    if message["type"] != "http.request":
+      return
+    seen += len(message.get("body", b""))
+    more = message.get("more_body", False)
 
 
 def _field_of(loc: tuple) -> str:
@@ -354,5 +373,5 @@ def create_app(engine: Engine, settings: Settings = Settings()) -> FastAPI:
                     media_type=prom.CONTENT_TYPE_LATEST)
 
   app.add_middleware(_Guard, settings=settings, metrics=svc.metrics,
-                     paths={r.path for r in app.routes})
+                     paths={r.path for r in app.routes}, batcher=svc.batcher)
   return app

@@ -77,6 +77,10 @@ class Batcher:
     """Queries waiting (not yet in a batch)."""
     return 0 if self._queue is None else self._queue.qsize()
 
+  def full(self) -> bool:
+    """No room for one more query."""
+    return self._queue is not None and self._queue.full()
+
   async def start(self) -> None:
     self._queue = asyncio.Queue(maxsize=self.queue_size)
     self._worker = asyncio.create_task(self._run(), name="lcrec-serve-batcher")
