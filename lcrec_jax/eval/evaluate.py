@@ -34,6 +34,7 @@ Results layout (json-ready)::
   results["test"]["modes"]["position"]["mean"]["HR@10"]
   results["test"]["seen_excluded"]["mean"]["NDCG@10"]   # "all_items" only: dropped afterwards
   results["settings"], results["seconds"]
+  results["seed"]                # {"seed", "train_seed"} of the run (the eval stage adds it)
 """
 
 from __future__ import annotations
