@@ -51,6 +51,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.rqvae.eval_every = 25         # epochs between collision-rate evaluations
   c.rqvae.checkpoint_every = 50   # epochs
   c.rqvae.keep_checkpoints = 2
+  # LETTER (CIKM 2024) terms, off (0): collaborative InfoNCE of the quantised items vs CF item
+  # embeddings ([num_items, e_dim] .npy, e.g. benchmarks/export_sasrec_embeddings.py; LETTER
+  # 0.01) and a code-cluster diversity term (LETTER 1e-4, 10 clusters)
+  c.rqvae.cf_weight = 0.0
+  c.rqvae.cf_embeddings = ""
+  c.rqvae.diversity_weight = 0.0
+  c.rqvae.diversity_clusters = 10
 
   # --- conflict-free assignment -----------------------------------------------------
   c.index = ml_collections.ConfigDict()
@@ -90,6 +97,14 @@ def get_config() -> ml_collections.ConfigDict:
   # next-item target inside the prompt (lcrec_jax/tasks/batching.py). () = off.
   c.tasks.history_loss_tasks = ml_collections.FieldReference(("seqrec", "fusionseqrec"),
                                                              field_type=tuple)
+  # Seqrec as consecutive windows of max_history + 1 items (every target once per epoch;
+  # needs the history loss on seqrec) instead of sampled prefixes. Off.
+  c.tasks.seqrec_windows = False
+  # Sequence packing: > 0 packs examples into rows of this many tokens (segment ids);
+  # pack_rows = bucket caps a row at its first example's bucket. Off (0): on this CPU the
+  # dense attention over long rows costs more than the padding saved (BENCHMARKS.md).
+  c.tasks.pack_length = 0
+  c.tasks.pack_rows = "fixed"
 
   # --- language model (lcrec_jax/llm/build.py) ---------------------------------------
   c.model = ml_collections.ConfigDict()
