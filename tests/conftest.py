@@ -12,7 +12,10 @@
 
 import os
 import shutil
+import signal
 import tempfile
+
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -34,3 +37,18 @@ def pytest_unconfigure(config):
   del config
   if os.environ.get(_CC_OWNER) == str(os.getpid()):
     shutil.rmtree(os.environ.get("JAX_COMPILATION_CACHE_DIR", ""), ignore_errors=True)
+
+
+
+@pytest.fixture(autouse=True)
+def _signal_state():
+  """Each test starts and ends with the process's own SIGINT/SIGTERM handlers and no
+  recorded Ctrl-C (lcrec_jax.interrupt): a request or handler left by one test would stop
+  a later one in the same process (an xdist worker runs many test modules)."""
+  saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  yield
+  for s, h in saved.items():
+    if signal.getsignal(s) is not h and h is not None:
+      signal.signal(s, h)
+  from lcrec_jax import interrupt  # pylint: disable=g-import-not-at-top
+  interrupt.clear()
