@@ -5,7 +5,7 @@ from absl import flags
 from lcrec_jax import cli
 from lcrec_jax.serve import server
 
-flags.adopt_module_key_flags(server)
-
 if __name__ == "__main__":
+  server.define_flags()
+  flags.adopt_module_key_flags(server)
   cli.run(server.main, "serve")

@@ -21,31 +21,48 @@ from typing import Sequence
 
 from absl import app as absl_app, flags
 
-from lcrec_jax import recommend as _recommend
 from lcrec_jax.errors import ConfigError
 
-# Importing recommend (the engine shares its matcher and prompts) defines the flags of its
-# command; serve has its own, so those are dropped from this process's flags.
-for _flag in flags.FLAGS.get_key_flags_for_module(_recommend.__name__):
-  delattr(flags.FLAGS, _flag.name)
+# Flag holders, set by define_flags.
+_WORKDIR = _HOST = _PORT = _MAX_BATCH = _BATCH_SIZES = _MAX_WAIT = _QUEUE = None
+_DEADLINE = _MAX_BODY = _MAX_HISTORY = _KEY_FILE = _ACCESS_LOG = None
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A finished run directory (lcrec_jax.main).")
-_HOST = flags.DEFINE_string("host", "127.0.0.1",
-                            "Address to bind; other than loopback needs --api_key_file.")
-_PORT = flags.DEFINE_integer("port", 8080, "TCP port (0 = an ephemeral one, printed).")
-_MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "Most queries per beam-search call.")
-_BATCH_SIZES = flags.DEFINE_list("batch_sizes", None, "Compiled batch sizes (default: powers "
-                                 "of two below --max_batch, and --max_batch).")
-_MAX_WAIT = flags.DEFINE_float("max_wait_ms", 5.0, "How long the oldest queued query waits "
-                               "for others to share its beam-search call.")
-_QUEUE = flags.DEFINE_integer("queue_size", 256, "Queries waiting; past it 503 + Retry-After.")
-_DEADLINE = flags.DEFINE_float("deadline_ms", 10000.0, "Per request (queue + decode); past "
-                               "it 503 + Retry-After.")
-_MAX_BODY = flags.DEFINE_integer("max_body_bytes", 65536, "Largest request body (422 past it).")
-_MAX_HISTORY = flags.DEFINE_integer("max_history", 200, "Most history entries per query.")
-_KEY_FILE = flags.DEFINE_string("api_key_file", None, "File holding the bearer token every "
-                                "request but /healthz and /readyz must send.")
-_ACCESS_LOG = flags.DEFINE_bool("access_log", False, "Log every request (uvicorn).")
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS,
+                 argv: list[str] | None = None) -> flags.FlagValues:
+  """Defines the command's flags on ``fv``; importing the module defines none, so it
+  imports next to ``lcrec_jax.recommend`` and ``main`` (see
+  :func:`lcrec_jax.main.define_flags`)."""
+  del argv  # no config flag
+  global _WORKDIR, _HOST, _PORT, _MAX_BATCH, _BATCH_SIZES, _MAX_WAIT  # pylint: disable=global-statement
+  global _QUEUE, _DEADLINE, _MAX_BODY, _MAX_HISTORY, _KEY_FILE, _ACCESS_LOG  # pylint: disable=global-statement
+  _WORKDIR = flags.DEFINE_string("workdir", None, "A finished run directory (lcrec_jax.main).",
+                                 flag_values=fv)
+  _HOST = flags.DEFINE_string("host", "127.0.0.1",
+                              "Address to bind; other than loopback needs --api_key_file.",
+                              flag_values=fv)
+  _PORT = flags.DEFINE_integer("port", 8080, "TCP port (0 = an ephemeral one, printed).",
+                               flag_values=fv)
+  _MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "Most queries per beam-search call.",
+                                    flag_values=fv)
+  _BATCH_SIZES = flags.DEFINE_list("batch_sizes", None, "Compiled batch sizes (default: powers "
+                                   "of two below --max_batch, and --max_batch).", flag_values=fv)
+  _MAX_WAIT = flags.DEFINE_float("max_wait_ms", 5.0, "How long the oldest queued query waits "
+                                 "for others to share its beam-search call.", flag_values=fv)
+  _QUEUE = flags.DEFINE_integer("queue_size", 256, "Queries waiting; past it 503 + Retry-After.",
+                                flag_values=fv)
+  _DEADLINE = flags.DEFINE_float("deadline_ms", 10000.0, "Per request (queue + decode); past "
+                                 "it 503 + Retry-After.", flag_values=fv)
+  _MAX_BODY = flags.DEFINE_integer("max_body_bytes", 65536, "Largest request body (422 past it).",
+                                   flag_values=fv)
+  _MAX_HISTORY = flags.DEFINE_integer("max_history", 200, "Most history entries per query.",
+                                      flag_values=fv)
+  _KEY_FILE = flags.DEFINE_string("api_key_file", None, "File holding the bearer token every "
+                                  "request but /healthz and /readyz must send.", flag_values=fv)
+  _ACCESS_LOG = flags.DEFINE_bool("access_log", False, "Log every request (uvicorn).",
+                                  flag_values=fv)
+  return fv
+
 
 LOOPBACK_NAMES = ("localhost",)
 
