@@ -41,6 +41,7 @@ def _delete_meta(step_dir):
   shutil.rmtree(step_dir / "meta")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("corrupt", [_truncate_arrays, _delete_meta])
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, corrupt, caplog):
   """Epoch-6 checkpoint broken: the re-run resumes from epoch 3 (6 moved to 6.corrupt-1,
