@@ -45,7 +45,7 @@ from lcrec_jax.llm.kv_cache import init_cache, split_beam_cache
 from lcrec_jax.train import finite
 from lcrec_jax.train import mesh as mesh_lib
 from lcrec_jax.train.state import TrainState, merge_params
-from lcrec_jax.train.step import cast_floating
+from lcrec_jax.train.step import cast_floating, with_context
 
 ADV_EPS = 1e-4
 # Rows of an update batch, all [N, ...]: teacher-forcing inputs, the rollout's numbers.
@@ -213,17 +213,6 @@ def rl_update_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: 
   return new_state, metrics
 
 
-def _in_context(fn: Callable, mesh: Mesh | None, rules: mesh_lib.LogicalRules) -> Callable:
-  """Runs (and so traces) ``fn`` under the mesh and the logical axis rules."""
-  def wrapped(*args):
-    with nn.logical_axis_rules(rules):
-      if mesh is None:
-        return fn(*args)
-      with jax.set_mesh(mesh):
-        return fn(*args)
-  return wrapped
-
-
 def make_update_step(model: nn.Module, tx: optax.GradientTransformation, *,
                      shardings: TrainState | None, mesh: Mesh | None,
                      rules: mesh_lib.LogicalRules, num_levels: int, beta: float,
@@ -236,7 +225,7 @@ def make_update_step(model: nn.Module, tx: optax.GradientTransformation, *,
   kwargs: dict[str, Any] = {"donate_argnums": (0,)}
   if mesh is not None:
     kwargs["out_shardings"] = (shardings, mesh_lib.replicated(mesh))
-  return _in_context(jax.jit(fn, **kwargs), mesh, rules)
+  return with_context(jax.jit(fn, **kwargs), mesh, rules)
 
 
 def make_logprob_fn(model: nn.Module, *, mesh: Mesh | None, rules: mesh_lib.LogicalRules,
@@ -245,4 +234,4 @@ def make_logprob_fn(model: nn.Module, *, mesh: Mesh | None, rules: mesh_lib.Logi
   def fn(params, prompt, mask, code_tokens):
     return shared_prompt_logprobs(cast_floating(params, compute_dtype), model, prompt, mask,
                                   code_tokens)
-  return _in_context(jax.jit(fn), mesh, rules)
+  return with_context(jax.jit(fn), mesh, rules)

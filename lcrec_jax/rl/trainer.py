@@ -50,6 +50,7 @@ from lcrec_jax.train import loop as loop_lib
 from lcrec_jax.train import mesh as mesh_lib
 from lcrec_jax.train import state as state_lib
 from lcrec_jax.train import summaries
+from lcrec_jax.train.trainer import TrainResult
 
 PyTree = Any
 ZERO_ADV = ("keep", "skip", "oversample")
@@ -98,16 +99,10 @@ class RLSettings:
     return {"ranking": self.reward_ranking, "partial": self.reward_partial}
 
 
-@dataclasses.dataclass
-class RLResult:
-  """What :func:`train_rl` returns: final state, loop steps done, per-step host metrics,
-  validation records, whether a preemption stopped it, the checkpoint it resumed from."""
-  state: state_lib.TrainState
-  step: int
-  history: list[dict[str, float]]
-  evals: list[dict[str, float]]
-  stopped_early: bool
-  resumed_from: int | None
+# What train_rl returns: the SFT trainer's result type (final state, loop steps done,
+# per-step host metrics, validation records, whether a preemption stopped it, the
+# checkpoint it resumed from).
+RLResult = TrainResult
 
 
 def _optimizer(st: RLSettings, tc: Any, num_updates: int):

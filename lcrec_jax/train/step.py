@@ -272,7 +272,7 @@ def train_batch_sharding(mesh: Mesh, grad_accum_steps: int = 1) -> NamedSharding
   return mesh_lib.batch_sharding(mesh, 2)
 
 
-def _with_context(fn: Callable, mesh: Mesh | None, rules: mesh_lib.LogicalRules) -> Callable:
+def with_context(fn: Callable, mesh: Mesh | None, rules: mesh_lib.LogicalRules) -> Callable:
   """Runs `fn` (and so its tracing) under the mesh and the logical axis rules."""
 
   def wrapped(*args):
@@ -322,7 +322,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
     batch_shard = {k: train_batch_sharding(mesh, grad_accum_steps) for k in keys}
     kwargs["in_shardings"] = (shardings, batch_shard)
     kwargs["out_shardings"] = (shardings, mesh_lib.replicated(mesh))
-  return _with_context(jax.jit(fn, **kwargs), mesh, rules)
+  return with_context(jax.jit(fn, **kwargs), mesh, rules)
 
 
 def make_eval_step(model: nn.Module, *, shardings: TrainState | None, mesh: Mesh | None,
@@ -338,4 +338,4 @@ def make_eval_step(model: nn.Module, *, shardings: TrainState | None, mesh: Mesh
     batch_shard = {k: mesh_lib.batch_sharding(mesh, 2) for k in keys}
     kwargs["in_shardings"] = (shardings, batch_shard)
     kwargs["out_shardings"] = mesh_lib.replicated(mesh)
-  return _with_context(jax.jit(fn, **kwargs), mesh, rules)
+  return with_context(jax.jit(fn, **kwargs), mesh, rules)
