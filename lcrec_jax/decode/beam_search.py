@@ -212,15 +212,13 @@ def search_codes(tokens_to_logits: decoding.TokensToLogits, logits: jax.Array, c
   return BeamResult(items, scores, codes)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "num_beams", "mode", "cache_layout",
-                                             "prefill_chunk", "prefill_groups"))
+@functools.partial(jax.jit, static_argnames=("model", "num_beams", "mode", "cache_layout"))
 def constrained_beam_search(model: Llama, params: Any, prompt: jax.Array, prompt_mask: jax.Array,
                             code_token_ids: jax.Array, trie: Trie | None = None,
                             allowed_codes: jax.Array | None = None, *, num_beams: int,
                             mode: Mode = "trie", lora: Any = None,
                             cache_layout: CacheLayout = "split",
-                            banned: jax.Array | None = None, prefill_chunk: int = 0,
-                            prefill_groups: int = 1) -> BeamResult:
+                            banned: jax.Array | None = None) -> BeamResult:
   """Top ``num_beams`` item codes per user: :func:`search_codes` on the LLaMA.
 
   Args:
@@ -240,10 +238,6 @@ def constrained_beam_search(model: Llama, params: Any, prompt: jax.Array, prompt
       Both give the same beams and scores up to float rounding.
     banned: optional ``[batch, num_items]`` bool, items each user must not get (mode
       ``"trie"`` only; see the module docstring).
-    prefill_chunk, prefill_groups: static; with ``prefill_chunk > 0`` the prompts are
-      prefilled bucketed by length (:func:`lcrec_jax.llm.decoding.prefill`): sorted into
-      ``prefill_groups`` groups, each running only the ``prefill_chunk``-token slices its
-      rows need. ``0``: one pass at the padded length.
 
   Returns:
     A :class:`BeamResult`. Items come from the trie in ``"trie"`` mode; in
@@ -253,8 +247,7 @@ def constrained_beam_search(model: Llama, params: Any, prompt: jax.Array, prompt
   _check(prompt.shape[0], mode, trie, allowed_codes, banned)
   levels = code_token_ids.shape[0]
   pre = decoding.prefill(model, params, prompt, prompt_mask, steps=levels - 1,
-                         layout=cache_layout, lora=lora, chunk=prefill_chunk,
-                         groups=prefill_groups)
+                         layout=cache_layout, lora=lora)
   return search_codes(decoding.logits_fn(model, params, lora), pre.logits, pre.cache,
                       pre.beam_axes, code_token_ids, trie, allowed_codes, num_beams=num_beams,
                       mode=mode, banned=banned)

@@ -32,7 +32,6 @@ from __future__ import annotations
 from typing import Any, Callable, Literal, NamedTuple
 
 import jax
-import jax.numpy as jnp
 
 from lcrec_jax.llm.kv_cache import BeamKVCache, KVCache, init_cache, split_beam_cache
 from lcrec_jax.llm.model import Llama
@@ -62,18 +61,11 @@ class Prefilled(NamedTuple):
 
 
 def prefill(model: Llama, params: Any, prompt: jax.Array, prompt_mask: jax.Array, *,
-            steps: int, layout: Layout = "split", lora: Any = None, chunk: int = 0,
-            groups: int = 1) -> Prefilled:
+            steps: int, layout: Layout = "split", lora: Any = None) -> Prefilled:
   """Runs the left-padded prompts once and sizes the cache for ``steps`` fed-back tokens.
 
   Only the last position goes through the output head (``[batch, len, vocab]`` logits of
   the whole prompt would cost ~20% of a small model's prefill and much memory).
-
-  With ``chunk > 0`` the prompts are bucketed by length instead of all running at the
-  padded length: rows are sorted by length and split into ``groups`` groups, and each
-  group runs only the ``chunk``-token slices (counted from the end) that hold a real token
-  of one of its rows (:func:`_bucketed_prefill`). Same keys, values and logits up to float
-  rounding; the prompt part of the cache is ``len`` rounded up to a multiple of ``chunk``.
 
   Args:
     model: the Flax LLaMA.
@@ -84,77 +76,18 @@ def prefill(model: Llama, params: Any, prompt: jax.Array, prompt_mask: jax.Array
       at least one slot).
     layout: ``"split"`` or ``"full"`` (see the module docstring).
     lora: optional LoRA adapters applied on the fly.
-    chunk: static slice length of the bucketed prefill; 0: one pass at the padded length.
-    groups: static number of length groups of the bucketed prefill (at most ``batch``).
   """
   if layout not in ("split", "full"):
     raise ValueError(f"cache_layout must be 'split' or 'full', got {layout!r}")
   split = layout == "split"
   extra = 0 if split else steps
-  if chunk > 0:
-    last, cache = _bucketed_prefill(model, params, prompt, prompt_mask, extra, lora, chunk,
-                                    groups)
-  else:
-    cache = init_cache(model.config, prompt.shape[0], prompt.shape[1] + extra)
-    hidden, cache = model.apply({"params": params}, prompt, attention_mask=prompt_mask,
-                                cache=cache, lora=lora, return_hidden=True)
-    last = hidden[:, -1]
-  logits = model.apply({"params": params}, last, method=Llama.logits)
+  cache = init_cache(model.config, prompt.shape[0], prompt.shape[1] + extra)
+  hidden, cache = model.apply({"params": params}, prompt, attention_mask=prompt_mask,
+                              cache=cache, lora=lora, return_hidden=True)
+  logits = model.apply({"params": params}, hidden[:, -1], method=Llama.logits)
   if split:
     return Prefilled(logits, split_beam_cache(cache, 1, max(steps, 1)), SPLIT_BEAM_AXES)
   return Prefilled(logits, cache, KV_BEAM_AXES)
-
-
-def _bucketed_prefill(model: Llama, params: Any, prompt: jax.Array, prompt_mask: jax.Array,
-                      extra: int, lora: Any, chunk: int, groups: int
-                      ) -> tuple[jax.Array, KVCache]:
-  """Prefill by length groups: ``([batch, E] last hidden state, KVCache)``, rows in order.
-
-  The prompts are left-padded to ``n * chunk`` columns; rows are sorted longest first and
-  cut into ``groups`` static groups; group ``g`` starts its cache at the first ``chunk``
-  slice holding a real token of its longest row and runs one ``chunk``-token cached step
-  per slice from there (a ``fori_loop`` with a traced start), so a short group skips the
-  padding a long row forces on the batch. Slots never run stay zero and masked. The
-  cache has ``n * chunk + extra`` slots.
-  """
-  batch, length = prompt.shape
-  n = -(-length // chunk)
-  pad = n * chunk - length
-  tok = jnp.pad(jnp.asarray(prompt, jnp.int32), ((0, 0), (pad, 0)))
-  mask = jnp.pad(jnp.asarray(prompt_mask).astype(jnp.int32), ((0, 0), (pad, 0)))
-  lengths = jnp.sum(mask, axis=1)
-  order = jnp.argsort(-lengths, stable=True)                         # longest first
-  groups = max(1, min(groups, batch))
-  sizes = [batch // groups + (1 if g < batch % groups else 0) for g in range(groups)]
-  hidden_size = model.config.hidden_size
-  dtype = jnp.dtype(model.config.compute_dtype)
-  lasts, caches, start = [], [], 0
-  for size in sizes:
-    rows = order[start:start + size]
-    start += size
-    tok_g, mask_g = jnp.take(tok, rows, axis=0), jnp.take(mask, rows, axis=0)
-    first = n - (jnp.max(lengths[rows]) + chunk - 1) // chunk         # first slice to run
-    cache = init_cache(model.config, size, n * chunk + extra)
-    cache = cache._replace(index=(first * chunk).astype(jnp.int32))
-
-    def body(j, carry, tok_g=tok_g, mask_g=mask_g):
-      cache, _ = carry
-      t = jax.lax.dynamic_slice_in_dim(tok_g, j * chunk, chunk, axis=1)
-      m = jax.lax.dynamic_slice_in_dim(mask_g, j * chunk, chunk, axis=1)
-      hidden, cache = model.apply({"params": params}, t, attention_mask=m, cache=cache,
-                                  lora=lora, return_hidden=True)
-      return cache, hidden[:, -1]
-
-    cache, last = jax.lax.fori_loop(first, n, body,
-                                    (cache, jnp.zeros((size, hidden_size), dtype)))
-    lasts.append(last)
-    caches.append(cache)
-  inverse = jnp.argsort(order)
-  cat = lambda xs, axis: jnp.take(jnp.concatenate(xs, axis=axis), inverse, axis=axis)
-  cache = KVCache(k=cat([c.k for c in caches], 1), v=cat([c.v for c in caches], 1),
-                  mask=cat([c.mask for c in caches], 0), index=caches[0].index,
-                  next_pos=cat([c.next_pos for c in caches], 0))
-  return cat(lasts, 0), cache
 
 
 def logits_fn(model: Llama, params: Any, lora: Any = None) -> TokensToLogits:
