@@ -57,18 +57,19 @@ class FinishedRun(NamedTuple):
 
 
 def run_paths(workdir: str) -> dict[str, str]:
-  """Files of a finished run that recommend reads (local or ``gs://``)."""
-  return {"config": fs.join(workdir, "config.json"),
-          "model": fs.join(workdir, "model"),
-          "model_done": fs.join(workdir, "model", "DONE"),
-          "index_done": fs.join(workdir, "index", "DONE")}
+  """Files of a finished run that recommend reads (local or ``gs://``; from the
+  workdir :class:`~lcrec_jax.pipeline.workdir.Layout`)."""
+  from lcrec_jax.pipeline.workdir import Layout  # pylint: disable=g-import-not-at-top
+  lay = Layout(workdir)
+  return {"config": lay.config_json, "model": lay.model_dir, "model_done": lay.model_done,
+          "index_done": lay.index_done}
 
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config the finished model and index were built from.
 
   ``config.json`` (the last accepted ``main`` run) with the fields the index and train
-  stages read taken from their manifests (:func:`lcrec_jax.workdir.resolved_config`): a
+  stages read taken from their manifests (:func:`lcrec_jax.pipeline.workdir.resolved_config`): a
   later run with other values, or a hand edit, cannot change what the model is asked. A
   field where config.json disagrees is named in one warning line.
 
@@ -76,7 +77,7 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
     RecommendError: config.json is not valid JSON, or a manifest is unreadable.
   """
   from absl import logging  # pylint: disable=g-import-not-at-top
-  from lcrec_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.pipeline import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from lcrec_jax.errors import WorkdirError  # pylint: disable=g-import-not-at-top
   try:
     config, diffs = workdir_lib.resolved_config(workdir, ("index", "train"))
@@ -111,7 +112,7 @@ def load_finished_run(workdir: str) -> FinishedRun:
   config = run_config(workdir)
   # Heavy imports only once the run is known to be usable.
   from lcrec_jax.data.loaders import load_dataset  # pylint: disable=g-import-not-at-top
-  from lcrec_jax.index.stage import load_index  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.pipeline.stages.index import load_index  # pylint: disable=g-import-not-at-top
   from lcrec_jax.llm import safetensors_io  # pylint: disable=g-import-not-at-top
   from lcrec_jax.llm.model import Llama  # pylint: disable=g-import-not-at-top
   from lcrec_jax.llm.tokenizer import LCRecTokenizer  # pylint: disable=g-import-not-at-top

@@ -164,9 +164,9 @@ def pipeline() -> None:
   import json  # pylint: disable=g-import-not-at-top
   from lcrec_jax.data.loaders import load_dataset  # pylint: disable=g-import-not-at-top
   from lcrec_jax.encoders.item_embeddings import item_embeddings  # pylint: disable=g-import-not-at-top
-  from lcrec_jax.eval import stage as eval_stage  # pylint: disable=g-import-not-at-top
-  from lcrec_jax.index import stage as index_stage  # pylint: disable=g-import-not-at-top
-  from lcrec_jax.train import stage as train_stage  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.pipeline.stages import eval as eval_stage  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.pipeline.stages import index as index_stage  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.pipeline.stages import train as train_stage  # pylint: disable=g-import-not-at-top
   c = pipeline_config(ARGS.embeddings)
   dataset = load_dataset(c.data)
   x = item_embeddings(c.embed, dataset.item_texts())

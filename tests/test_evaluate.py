@@ -126,7 +126,7 @@ def results(setup, tmp_path_factory):
       "shard": False})  # the sharded path: test_sharded_decoder_equals_one_device
   res = ev.evaluate(model, params, tok, dataset, index, cfg_eval, tasks, progress=False)
   workdir = str(tmp_path_factory.mktemp("run"))
-  path = ev.write_results(res, workdir)
+  path = ev.write_results(res, os.path.join(workdir, "eval", "results.json"))
   return res, workdir, path
 
 
@@ -181,7 +181,7 @@ def test_valid_beam_shares(results):
 def test_results_json_written_and_loadable(results):
   res, workdir, path = results
   assert path == os.path.join(workdir, "eval", "results.json")
-  loaded = ev.load_results(workdir)
+  loaded = ev.load_results(path)
   assert loaded["test"]["mean"]["NDCG@10"] == pytest.approx(res["test"]["mean"]["NDCG@10"])
   assert loaded["settings"]["num_beams_used"] == NUM_ITEMS
   assert not [n for n in os.listdir(os.path.dirname(path)) if ".tmp" in n]

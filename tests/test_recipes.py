@@ -55,7 +55,7 @@ def test_train_stage_names_a_bad_lora_target_before_any_work(tmp_path):
   """A wrong adapter name fails at once, naming the field and the valid names."""
   from types import SimpleNamespace
 
-  from lcrec_jax.train.stage import run_train_stage
+  from lcrec_jax.pipeline.stages.train import run_train_stage
   c = _load(CONFIGS / "ml100k_quick.py")
   c.model.lora.rank = 4
   c.model.lora.targets = ("q", "v_proj")

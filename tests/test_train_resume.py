@@ -64,7 +64,7 @@ def model_and_params():
 
 
 def run(workdir, model, params, config=None, **kw):
-  return trainer_lib.train(config or make_config(), workdir, model, params, batches,
+  return trainer_lib.train(config or make_config(), os.path.join(str(workdir), "train"), model, params, batches,
                            STEPS_PER_EPOCH, eval_batches=lambda: batches(99, 2), **kw)
 
 
@@ -185,7 +185,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(model_and_params, tmp_pat
   cfg = make_config(checkpoint_every=1, num_steps=6, eval_every=0, lr=1e30, warmup_steps=0,
                     schedule="constant", max_grad_norm=0.0)
   with pytest.raises(trainer_lib.NonFiniteLossError, match="last checkpoint \\(finite\\) is step") as e:
-    trainer_lib.train(cfg, tmp_path, model, params, batches, STEPS_PER_EPOCH)
+    trainer_lib.train(cfg, tmp_path / "train", model, params, batches, STEPS_PER_EPOCH)
   records = summaries.read_jsonl(os.path.join(tmp_path, "train", "metrics.jsonl"))
   last_good = records[-1]["step"]
   assert all(np.isfinite(r["train/loss"]) for r in records)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from lcrec_jax import spec
+from lcrec_jax.pipeline import spec
 from lcrec_jax.data.dataset import Dataset
 from lcrec_jax.errors import ConfigError
 from lcrec_jax.data.lcrec_json import lcrec_paths, load_lcrec_json

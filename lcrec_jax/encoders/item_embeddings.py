@@ -19,7 +19,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lcrec_jax import fs, spec
+from lcrec_jax import fs
+from lcrec_jax.pipeline import spec
 
 ENCODERS = ("minilm", "npy")
 CACHE_VERSION = 1  # bump when the embedding recipe changes

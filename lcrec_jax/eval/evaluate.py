@@ -488,25 +488,18 @@ def _training_mesh(params: Any) -> Mesh | None:
   return None
 
 
-def results_path(workdir: str) -> str:
-  """``<workdir>/eval/results.json`` (local or ``gs://``; layout: :mod:`lcrec_jax.workdir`)."""
-  from lcrec_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  return workdir_lib.results_path(workdir)
-
-
-def write_results(results: Mapping[str, Any], workdir: str) -> str:
-  """Writes ``<workdir>/eval/results.json`` atomically (temp file + rename); returns the path.
+def write_results(results: Mapping[str, Any], path: str) -> str:
+  """Writes ``results`` to ``path`` (the eval stage's ``<workdir>/eval/results.json``)
+  atomically (temp file + rename); returns the path.
 
   Local or ``gs://`` (:mod:`lcrec_jax.fs`); only process 0 writes.
   """
-  path = results_path(workdir)
   fs.write_json(path, results, indent=2, sort_keys=False)
   return path
 
 
-def load_results(workdir: str) -> dict[str, Any]:
+def load_results(path: str) -> dict[str, Any]:
   """Reads what :func:`write_results` wrote."""
-  path = results_path(workdir)
   try:
     return fs.read_json(path)
   except FileNotFoundError:

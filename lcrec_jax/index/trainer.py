@@ -1,6 +1,6 @@
 """RQ-VAE training loop: k-means init, AdamW with warmup, orbax checkpoints and resume.
 
-Layout under ``<workdir>/index/``::
+Layout under ``out_dir`` (the index stage's ``<workdir>/index/``)::
 
   metrics.jsonl                 one json object per epoch (see :func:`train_rqvae`)
   checkpoints/latest/<epoch>/   every ``checkpoint_every`` epochs and at the end
@@ -278,7 +278,7 @@ def _check_resumable(meta: Mapping[str, Any], cfg: ml_collections.ConfigDict,
                       hint="use another --workdir or delete that directory to retrain")
 
 
-def train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir: str, *,
+def train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, out_dir: str, *,
                 seed: int, cf_embeddings: np.ndarray | None = None
                 ) -> tuple[rqvae.RQVAE, dict[str, Any], list[dict]]:
   """Trains (or resumes training of) the RQ-VAE on all item embeddings.
@@ -286,7 +286,7 @@ def train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir:
   Args:
     cfg: the ``c.rqvae`` config (see ``configs/ml100k_quick.py``).
     embeddings: ``[N, D]`` float32 item embeddings (the training set: every item).
-    workdir: run directory; everything goes under ``<workdir>/index/``.
+    out_dir: where ``metrics.jsonl`` and ``checkpoints/`` go (resumed when present).
     seed: seeds parameter init, k-means, shuffling and dropout.
     cf_embeddings: ``[N, e_dim]`` collaborative item embeddings (row i = item i), needed
       when ``rqvae.cf_weight > 0`` (LETTER's collaborative term). With
@@ -301,7 +301,7 @@ def train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir:
     at evaluation epochs ``collision_rate`` and ``utilization`` (per level; else null).
   """
   with quiet_orbax():
-    return _train_rqvae(cfg, embeddings, workdir, seed=seed, cf_embeddings=cf_embeddings)
+    return _train_rqvae(cfg, embeddings, out_dir, seed=seed, cf_embeddings=cf_embeddings)
 
 
 def _check_cf(cfg: ml_collections.ConfigDict, cf: np.ndarray | None, n: int) -> np.ndarray | None:
@@ -320,7 +320,7 @@ def _check_cf(cfg: ml_collections.ConfigDict, cf: np.ndarray | None, n: int) -> 
   return cf
 
 
-def _train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir: str, *,
+def _train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, out_dir: str, *,
                  seed: int, cf_embeddings: np.ndarray | None = None
                  ) -> tuple[rqvae.RQVAE, dict[str, Any], list[dict]]:
   """:func:`train_rqvae` without the orbax log filter."""
@@ -338,7 +338,7 @@ def _train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir
   eval_every = max(1, int(cfg.eval_every))
   ckpt_every = max(1, int(cfg.checkpoint_every))
 
-  index_dir = fs.join(workdir, "index")
+  index_dir = out_dir
   fs.makedirs(index_dir)
   metrics_path = fs.join(index_dir, "metrics.jsonl")
   mngrs = _managers(fs.join(index_dir, "checkpoints"), cfg.keep_checkpoints)
@@ -495,13 +495,13 @@ def _train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir
   return model, state_variables(loop.state), history
 
 
-def load_checkpoint_variables(workdir: str, kind: str, model: rqvae.RQVAE,
+def load_checkpoint_variables(out_dir: str, kind: str, model: rqvae.RQVAE,
                               like: Mapping[str, Any], cfg: ml_collections.ConfigDict
                               ) -> tuple[dict[str, Any], dict[str, Any]]:
   """Variables of a saved checkpoint: ``kind`` in ``latest``, ``best_collision``, ``best_loss``.
 
   Args:
-    workdir: the run directory given to :func:`train_rqvae`.
+    out_dir: the directory given to :func:`train_rqvae`.
     kind: which checkpoint directory.
     model: the trained model (its optimizer-state structure is rebuilt from ``cfg``).
     like: variables with the right structure (e.g. what :func:`train_rqvae` returned).
@@ -514,14 +514,14 @@ def load_checkpoint_variables(workdir: str, kind: str, model: rqvae.RQVAE,
     lcrec_jax.errors.WorkdirError: the checkpoint does not load or holds NaN/inf.
   """
   with quiet_orbax():
-    return _load_checkpoint_variables(workdir, kind, model, like, cfg)
+    return _load_checkpoint_variables(out_dir, kind, model, like, cfg)
 
 
-def _load_checkpoint_variables(workdir, kind, model, like, cfg):
+def _load_checkpoint_variables(out_dir, kind, model, like, cfg):
   """:func:`load_checkpoint_variables` without the orbax log filter."""
   if kind not in CHECKPOINT_KINDS:
     raise ValueError(f"checkpoint kind must be one of {CHECKPOINT_KINDS}, got {kind!r}")
-  path = fs.path(workdir) / "index" / "checkpoints" / kind
+  path = fs.path(out_dir) / "checkpoints" / kind
   mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
   step = mngr.latest_step()
   if step is None:

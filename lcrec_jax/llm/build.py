@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lcrec_jax import fs, spec
+from lcrec_jax import fs
+from lcrec_jax.pipeline import spec
 from lcrec_jax.index.item_index import ItemIndex
 from lcrec_jax.llm import config as config_lib
 from lcrec_jax.llm import bpe, convert, gguf_io, safetensors_io, vocab
@@ -128,9 +129,3 @@ def build_model(mc: ml_collections.ConfigDict, index: ItemIndex, seed: int,
   else:
     raise ValueError(f"model.init must be 'random' or 'pretrained', got {mc.init!r}")
   return Llama(cfg), params, tokenizer
-
-
-def model_dir(workdir: str) -> str:
-  """``<workdir>/model``, the exported HF directory (layout: :mod:`lcrec_jax.workdir`)."""
-  from lcrec_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  return workdir_lib.model_dir(workdir)

@@ -58,7 +58,7 @@ ZERO_ADV = ("keep", "skip", "oversample")
 
 @dataclasses.dataclass(frozen=True)
 class RLSettings:
-  """The ``rl`` section, checked (declared with defaults and ranges in :mod:`lcrec_jax.spec`)."""
+  """The ``rl`` section, checked (declared with defaults and ranges in :mod:`lcrec_jax.pipeline.spec`)."""
   num_steps: int = 100
   prompts_per_step: int = 16
   num_generations: int = 16
@@ -84,7 +84,7 @@ class RLSettings:
 
   @classmethod
   def from_config(cls, cfg_rl: Any) -> "RLSettings":
-    from lcrec_jax import spec  # pylint: disable=g-import-not-at-top
+    from lcrec_jax.pipeline import spec  # pylint: disable=g-import-not-at-top
     out = cls(**{f.name: spec.get(cfg_rl, f"rl.{f.name}") for f in dataclasses.fields(cls)})
     if out.zero_adv not in ZERO_ADV:
       raise ValueError(f"rl.zero_adv={out.zero_adv!r}: one of {ZERO_ADV}")

@@ -1,6 +1,6 @@
 """The fine-tuning loop: sharded state, resumable data position, checkpoints, metrics.
 
-    result = train(config, workdir, model, params, batches, steps_per_epoch)
+    result = train(config, out_dir, model, params, batches, steps_per_epoch)
 
 `batches(epoch, start_step)` must yield the batches of `epoch` from step
 `start_step` on, deterministically (same arguments, same batches), as dicts of
@@ -11,7 +11,7 @@ processes each yields only its own `train.batch_size / process_count` rows, proc
 rows `[p * B / P, (p + 1) * B / P)` (as `Batcher.batches(seed, epoch, start,
 process_index, process_count)` does); on one host that is the whole batch.
 
-What is written under `<workdir>/train/`:
+What is written under `out_dir` (the train stage's `<workdir>/train/`):
   checkpoints/<step>/   orbax: trainable params, optimizer state, step, RNG + data position
   metrics.jsonl         one JSON object per logged step / evaluation
   tb/                   TensorBoard event file (scalars)
@@ -97,7 +97,7 @@ class NonFiniteLossError(finite_lib.NonFiniteError):
 
 
 def default_train_config() -> ml_collections.ConfigDict:
-  """The `c.train` section with its defaults (declared, with ranges, in `lcrec_jax.spec`).
+  """The `c.train` section with its defaults (declared, with ranges, in `lcrec_jax.pipeline.spec`).
 
   Fields: seed (dropout RNG), batch_size (global examples per optimizer step),
   grad_accum_steps (micro-batches per step; batch_size must divide), epochs (used when
@@ -110,7 +110,7 @@ def default_train_config() -> ml_collections.ConfigDict:
   on_nonfinite (stop | skip a step whose loss, gradients or update are not finite),
   max_nonfinite_skips (skip: stop after this many in a row).
   """
-  from lcrec_jax import spec  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.pipeline import spec  # pylint: disable=g-import-not-at-top
   return spec.section("train")
 
 
@@ -191,7 +191,7 @@ def evaluate_loss(eval_fn: Callable, state: state_lib.TrainState, batches: Itera
   return {"loss": total / max(count, 1.0), "label_tokens": count}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: nn.Module,
+def train(config: ml_collections.ConfigDict, out_dir: str | os.PathLike, model: nn.Module,
           params: PyTree, batches: BatchFn, steps_per_epoch: int, *,
           trainable_mask: PyTree | None = None,
           eval_batches: Callable[[], Iterable[Batch]] | None = None,
@@ -204,8 +204,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
   Args:
     config: full config; uses `config.train` (see `default_train_config`) and
       `config.mesh` (see `mesh.default_mesh_config`).
-    workdir: run directory; outputs go to `<workdir>/train/`. If it holds a
-      checkpoint, training resumes from the newest one.
+    out_dir: where checkpoints, metrics and events go (the train stage's
+      `<workdir>/train/`). If it holds a checkpoint, training resumes from the newest one.
     model: the Linen LLaMA (`lcrec_jax.llm.model.Llama`) or any module with the same
       call signature and a `logits` method.
     params: unboxed initial params (pretrained or fresh), or for LoRA
@@ -265,7 +265,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
   _check_params(params.params if isinstance(params, LoraTree) else params, boxed)
   shardings = state_lib.state_shardings(tx, boxed, trainable_mask, mesh, rules, params)
 
-  train_dir = fs.join(workdir, "train")  # local or gs://
+  train_dir = os.fspath(out_dir)  # local or gs://
   is_main = fs.is_primary()
   ckpt = ckpt_lib.Checkpointer(fs.path(train_dir) / "checkpoints",
                                save_every=tc.checkpoint_every, keep=tc.keep_checkpoints,

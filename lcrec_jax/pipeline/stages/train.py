@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from absl import logging
 
 from lcrec_jax import fs
-from lcrec_jax import workdir as workdir_lib
+from lcrec_jax.pipeline import workdir as workdir_lib
 from lcrec_jax.data.dataset import Dataset
 from lcrec_jax.eval import evaluate as evaluate_lib
 from lcrec_jax.index.item_index import ItemIndex
@@ -60,7 +60,7 @@ def _write_examples(workdir: str, tokenized: dict[str, batching.TokenizedExample
   """Writes the tokenized examples once as array_record (reused when unchanged, e.g. on
   resume); returns the prepared dataset directory every process reads with grain."""
   t = time.perf_counter()
-  local = workdir_lib.examples_dir(workdir, jax.process_index())
+  local = workdir_lib.Layout(workdir).examples_dir(jax.process_index())
   if fs.is_remote(workdir) or fs.is_primary():  # remote: a local copy per process
     data_dir = example_records.write_examples(tokenized, local).data_dir
   else:
@@ -99,8 +99,8 @@ def run_train_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
     force: run even when ``model/DONE`` exists (training resumes from checkpoints; delete
       ``<workdir>/train`` to start over).
   """
-  out_dir = build.model_dir(workdir)
-  done = fs.join(out_dir, "DONE")
+  layout = workdir_lib.Layout(workdir)
+  out_dir, done = layout.model_dir, layout.model_done
   if fs.exists(done) and not force:
     logging.info("train stage: %s exists, skipping (--force=train to run again)", done)
     return out_dir
@@ -119,7 +119,7 @@ def run_train_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
   examples = _examples(config, dataset, index)
   model, params, tokenizer = build.build_model(
       mc, index, config.seed, corpus=lambda: _corpus(examples),
-      tokenizer_dir=fs.join(workdir, "train", "tokenizer"))
+      tokenizer_dir=layout.tokenizer_dir)
   cfg = model.config
   source = (f"random {mc.preset}" if mc.init == "random"
             else f"pretrained {mc.get('hf_dir', '') or mc.get('gguf_path', '') or 'SmolLM2-135M'}")
@@ -159,7 +159,7 @@ def run_train_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
       params_fn=(lambda s: s.params.params) if is_lora else (lambda s: s.params),
       lora_fn=(lambda s: s.params.lora) if is_lora else None)]
   result = trainer.train(
-      config, workdir, model, train_params,
+      config, layout.train_dir, model, train_params,
       lambda epoch, start: batcher.batches(seed, epoch, start, pi, pc),
       batcher.steps_per_epoch, trainable_mask=mask,
       eval_batches=lambda: valid.batches(seed, 0, 0, pi, pc), eval_callbacks=callbacks,
@@ -182,3 +182,8 @@ def run_train_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
   fs.barrier("train_stage_exported")  # the eval stage reads model/ on every process
   logging.info("train stage: model exported to %s", out_dir)
   return out_dir
+
+
+def run(ctx, force: bool) -> str:
+  """The stage (:class:`lcrec_jax.pipeline.stage.Stage`)."""
+  return run_train_stage(ctx.config, ctx.workdir, ctx.dataset, ctx.index, force=force)

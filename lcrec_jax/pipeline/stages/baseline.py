@@ -32,7 +32,7 @@ import ml_collections
 from absl import logging
 
 from lcrec_jax import fs
-from lcrec_jax import workdir as workdir_lib
+from lcrec_jax.pipeline import workdir as workdir_lib
 from lcrec_jax.baselines import gru4rec, popularity, sasrec
 from lcrec_jax.data.dataset import Dataset
 from lcrec_jax.errors import ConfigError
@@ -43,7 +43,7 @@ PROTOCOL_HEADERS = {"unmasked": "all items ranked", "masked": "seen items exclud
 
 
 def results_path(workdir: str) -> str:
-  return workdir_lib.baseline_results_path(workdir)
+  return workdir_lib.Layout(workdir).baseline_results
 
 
 def _popularity(dataset: Dataset, config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -103,7 +103,7 @@ def summary_lines(results: Mapping[str, Any]) -> list[str]:
 def run_baseline_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Dataset,
                        force: bool = False) -> dict:
   path = results_path(workdir)
-  done = workdir_lib.done_path(workdir, "baseline")
+  done = workdir_lib.Layout(workdir).baseline_done
   models = configured_models(config)
   out: dict[str, Any] = {}
   if fs.exists(path) and (not force or not fs.exists(done)):
@@ -127,3 +127,8 @@ def run_baseline_stage(config: ml_collections.ConfigDict, workdir: str, dataset:
   fs.write_text(done, " ".join(models) + "\n")
   fs.barrier("baseline_stage_written")
   return out
+
+
+def run(ctx, force: bool) -> dict:
+  """The stage (:class:`lcrec_jax.pipeline.stage.Stage`)."""
+  return run_baseline_stage(ctx.config, ctx.workdir, ctx.dataset, force=force)

@@ -377,7 +377,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"config key {unknown[0]} is not a key lcrec-jax reads"
                       f"{_closest(unknown[0])}"
                       + (f" (also unknown: {', '.join(unknown[1:])})" if unknown[1:] else ""),
-                      hint="declared keys and defaults: lcrec_jax/spec.py KEYS")
+                      hint="declared keys and defaults: lcrec_jax/pipeline/spec.py KEYS")
   out = defaults()
   for name, value in got.items():
     try:
