@@ -63,9 +63,10 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from lcrec_jax.pipeline import spec
 from lcrec_jax.llm.config import tiny
 from lcrec_jax.llm.model import Llama
-from lcrec_jax.train import checkpoint as ckpt_lib
+from lcrec_jax.runtime import checkpoint as ckpt_lib
 from lcrec_jax.train import mesh as mesh_lib
 from lcrec_jax.train import state as state_lib
 from lcrec_jax.train import trainer as trainer_lib
@@ -100,10 +101,10 @@ def batches(epoch: int, start: int):
 def make_config() -> ml_collections.ConfigDict:
   """Trainer config: 4 steps over epochs of 3, checkpoints every 2 steps, float32."""
   c = ml_collections.ConfigDict()
-  c.train = trainer_lib.default_train_config()
+  c.train = spec.section("train")
   c.train.update(dict(batch_size=GLOBAL_BATCH, num_steps=NUM_STEPS, lr=1e-2, warmup_steps=1,
                       checkpoint_every=2, keep_checkpoints=3, seed=5, tensorboard=False))
-  c.mesh = mesh_lib.default_mesh_config()
+  c.mesh = spec.section("mesh")
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = MESH
   return c
 

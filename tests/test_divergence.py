@@ -15,7 +15,7 @@ from configs.ml100k_quick import get_config
 from lcrec_jax import interrupt
 from lcrec_jax.pipeline import spec
 from lcrec_jax.pipeline import workdir as wl
-from lcrec_jax.train import checkpoint as ckpt_lib
+from lcrec_jax.runtime import checkpoint as ckpt_lib
 from lcrec_jax.train import divergence
 from lcrec_jax.train import trainer as trainer_lib
 from tests.test_train_resume import (STEPS_PER_EPOCH, batches, make_config,

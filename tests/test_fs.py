@@ -94,7 +94,7 @@ def test_join_keeps_the_scheme():
 
 
 def test_checkpointer_takes_epath_paths(tmp_path):
-  from lcrec_jax.train import checkpoint as ckpt_lib
+  from lcrec_jax.runtime import checkpoint as ckpt_lib
   directory = epath.Path(tmp_path) / "ckpts"
   state = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "step": np.int32(3)}
   with ckpt_lib.Checkpointer(directory, save_every=1, async_save=False) as ckpt:
@@ -214,7 +214,7 @@ def test_gs_append_log_rewrites_the_object(bucket):
 
 
 def test_gs_training_metrics_and_tensorboard(bucket):
-  from lcrec_jax.train import summaries
+  from lcrec_jax.runtime import summaries
   from tests import tb_events
   logdir = BUCKET + "/run/train"
   w = summaries.MetricsWriter(logdir)
@@ -460,7 +460,7 @@ def test_gs_main_run_writes_config_and_copies_its_log(bucket, tmp_path):
 def test_tensorboard_tags_renamed_quietly(tmp_path, caplog):
   """`valid/HR@10` is written as TensorBoard's legal `valid/HR_10`, without tensorboardX's
   log line per illegal name; metrics.jsonl keeps the original name."""
-  from lcrec_jax.train import summaries
+  from lcrec_jax.runtime import summaries
   from tests import tb_events
   w = summaries.MetricsWriter(str(tmp_path))
   with caplog.at_level("INFO"):

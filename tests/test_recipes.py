@@ -12,6 +12,7 @@ import pathlib
 
 import pytest
 
+from lcrec_jax.pipeline import spec
 from lcrec_jax.eval.evaluate import MODES, EvalSettings
 from lcrec_jax.llm.lora import TARGETS as LORA_TARGETS
 
@@ -47,7 +48,7 @@ def test_recipe_fields_agree(path):
     assert slots >= (c.tasks.max_history + 1) * (c.rqvae.num_levels + 1)
   # LoRA is one flag away (--config.model.lora.rank=16): its targets must be real names
   assert c.model.lora.targets and set(c.model.lora.targets) <= set(LORA_TARGETS)
-  st = EvalSettings.from_config(c.eval)
+  st = EvalSettings.from_config(spec.resolve(c).eval)
   assert set(st.modes) <= set(MODES) and st.num_beams >= 10
 
 

@@ -411,11 +411,12 @@ def test_leftovers_of_killed_runs_are_removed(tmp_path):
 
 def test_tfds_prepares_without_its_banner(tmp_path, capfd):
   import numpy as np
-  from lcrec_jax.data.dataset import Dataset, Item
-  from lcrec_jax.data.tfds_builder import write_tfds
-  items = tuple(Item(f"it{i}", f"title {i}") for i in range(5))
-  seqs = tuple(np.arange(4, dtype=np.int32) % 5 for _ in range(3))
-  write_tfds(Dataset("toy", items, ("a", "b", "c"), seqs), str(tmp_path))
+  from lcrec_jax.tasks import batching, example_records
+  ids = tuple(np.arange(3, dtype=np.int32) + i for i in range(4))
+  examples = batching.TokenizedExamples(
+      ids, ids, np.full(4, 6, np.int32), np.full(4, 8, np.int32), ("seqrec",) * 4, (8,), 0,
+      0, 0)
+  example_records.write_examples({"train": examples}, str(tmp_path))
   out = capfd.readouterr()
   assert "Downloading and preparing" not in out.out + out.err
   assert "downloaded and prepared" not in out.out + out.err

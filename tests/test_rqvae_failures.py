@@ -11,7 +11,7 @@ import pytest
 
 from lcrec_jax.errors import ConfigError, UserError
 from lcrec_jax.index import trainer
-from lcrec_jax.train import finite
+from lcrec_jax.runtime import finite
 from tests.test_index_stage import N, _config, _embeddings, _leaves
 
 

@@ -50,8 +50,7 @@ def test_recipe_values_survive_resolution():
 
 
 def test_default_train_config_is_the_spec_section():
-  from lcrec_jax.train.trainer import default_train_config
-  t = default_train_config()
+  t = spec.section("train")
   assert set(t.keys()) == {k.name.split(".", 1)[1] for k in spec.KEYS
                            if k.name.startswith("train.")}
   assert t.lr == spec.BY_NAME["train.lr"].default

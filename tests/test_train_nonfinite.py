@@ -15,8 +15,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from lcrec_jax.errors import WorkdirError
-from lcrec_jax.train import checkpoint as ckpt_lib
-from lcrec_jax.train import finite
+from lcrec_jax.runtime import checkpoint as ckpt_lib
+from lcrec_jax.runtime import finite
 from lcrec_jax.train import trainer as trainer_lib
 from tests.test_train_resume import (STEPS_PER_EPOCH, Crash, _assert_same_params, batches,
                                      make_config, tiny_model_and_params)

@@ -15,12 +15,12 @@ import ml_collections
 import numpy as np
 import pytest
 
+from lcrec_jax.pipeline import spec
 from lcrec_jax.llm.config import tiny
 from lcrec_jax.llm.model import Llama
-from lcrec_jax.train import checkpoint as ckpt_lib
-from lcrec_jax.train import summaries
+from lcrec_jax.runtime import checkpoint as ckpt_lib
+from lcrec_jax.runtime import summaries
 from lcrec_jax.train import trainer as trainer_lib
-from lcrec_jax.train.mesh import default_mesh_config
 from tests import tb_events
 
 VOCAB, B, T, STEPS_PER_EPOCH, NUM_STEPS = 256, 8, 16, 4, 6
@@ -42,11 +42,11 @@ def batches(epoch: int, start_step: int):
 
 def make_config(**train_kw) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.train = trainer_lib.default_train_config()
+  c.train = spec.section("train")
   c.train.update(dict(batch_size=B, num_steps=NUM_STEPS, lr=1e-2, warmup_steps=2,
                       checkpoint_every=2, keep_checkpoints=3, eval_every=4, seed=5))
   c.train.update(train_kw)
-  c.mesh = default_mesh_config()
+  c.mesh = spec.section("mesh")
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
   return c
 

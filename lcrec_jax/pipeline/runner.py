@@ -38,6 +38,7 @@ from lcrec_jax.pipeline.stage import Context
 from lcrec_jax.pipeline.stages import REGISTRY
 
 _CONFIG = _WORKDIR = _STAGES = _FORCE = None  # flag holders, set by define_flags
+DEFAULT_STAGES = spec.DEFAULT_STAGES
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS,
@@ -54,9 +55,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS,
                                             flag_values=fv, lock_config=True, sys_argv=argv)
   _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every output of the run.",
                                  flag_values=fv)
-  _STAGES = flags.DEFINE_list("stages", ["index", "train", "eval"],
-                              "Stages to run (index, train, rl, eval, baseline); run in "
-                              "pipeline order.", flag_values=fv)
+  _STAGES = flags.DEFINE_list("stages", list(DEFAULT_STAGES),
+                              f"Stages to run ({', '.join(REGISTRY)}); run in pipeline "
+                              "order.", flag_values=fv)
   _FORCE = flags.DEFINE_list("force", [], "Stages to re-run even if their outputs are "
                              "complete.", flag_values=fv)
   return fv
@@ -114,11 +115,11 @@ def _space_needed_mb(config, stage: str | None) -> float:
   if stage != "train":
     return 50.0
   try:
-    from lcrec_jax import plan as plan_lib  # pylint: disable=g-import-not-at-top
+    from lcrec_jax.pipeline import plan as plan_lib  # pylint: disable=g-import-not-at-top
     n = plan_lib.model_config_for_plan(config).num_params()
   except Exception:  # pylint: disable=broad-except
     return 500.0
-  keep = int(config.train.get("keep_checkpoints", 2) or 2)
+  keep = int(config.train.keep_checkpoints)
   return n * 4 * (3 * (keep + 1) + 1) / 1e6 + 50.0
 
 

@@ -59,6 +59,16 @@ class Stage:
     return fn(ctx, force)
 
 
+def as_settings(config: Any) -> Any:
+  """The frozen :class:`~lcrec_jax.pipeline.spec.RunSettings` of ``config`` (a recipe's
+  ConfigDict, resolved here: the spec's defaults for every key it leaves out), or
+  ``config`` itself when it already is one. What the stages hand the library."""
+  from lcrec_jax.pipeline import spec  # pylint: disable=g-import-not-at-top
+  if isinstance(config, spec.RunSettings):
+    return config
+  return spec.settings(spec.resolve(config))
+
+
 class Context:
   """One run: the resolved config, the workdir layout, and the artefacts stages share
   (dataset, item embeddings, item index), each computed once, when first needed."""
@@ -66,6 +76,7 @@ class Context:
   def __init__(self, config, workdir: str):
     from lcrec_jax.pipeline.workdir import Layout  # pylint: disable=g-import-not-at-top
     self.config = config
+    self.settings = as_settings(config)
     self.workdir = workdir
     self.layout = Layout(workdir)
     self._dataset = None
@@ -76,7 +87,7 @@ class Context:
   def dataset(self):
     if self._dataset is None:
       from lcrec_jax.data.loaders import load_dataset  # pylint: disable=g-import-not-at-top
-      self._dataset = load_dataset(self.config.data)
+      self._dataset = load_dataset(self.settings.data)
       logging.info("dataset %s: %s", self._dataset.name, self._dataset.summary())
     return self._dataset
 
@@ -85,7 +96,7 @@ class Context:
     if self._embeddings is None:
       from lcrec_jax.encoders.item_embeddings import item_embeddings  # pylint: disable=g-import-not-at-top
       t0 = time.perf_counter()
-      self._embeddings = item_embeddings(self.config.embed,
+      self._embeddings = item_embeddings(self.settings.embed,
                                          self.dataset.item_texts(),
                                          cache_dir=self.layout.cache_dir)
       logging.info("item embeddings %s in %.1fs", self._embeddings.shape,

@@ -660,6 +660,11 @@ def resolved_config(workdir: str, stages: Sequence[str] = ("index", "train")
                        hint="re-run python -m lcrec_jax.main with the run's --config and "
                             f"--workdir={workdir}: it rewrites the file") from None
   config = ml_collections.ConfigDict(raw)
+  from lcrec_jax.pipeline import spec  # pylint: disable=g-import-not-at-top
+  for key in spec.KEYS:  # an older config.json lacks later keys: the spec's defaults
+    if _get_dotted(config, key.name) is _MISSING:
+      _set_dotted(config, key.name, ml_collections.ConfigDict(key.default)
+                  if isinstance(key.default, Mapping) else key.default)
   have = {k: _jsonable(v) for k, v in _flat_json(raw).items()}
   diffs = []
   for stage in stages:
@@ -676,6 +681,18 @@ def resolved_config(workdir: str, stages: Sequence[str] = ("index", "train")
         _set_dotted(config, key, value)
         have[key] = value
   return config, diffs
+
+
+_MISSING = object()
+
+
+def _get_dotted(config: Any, key: str) -> Any:
+  node = config
+  for part in key.split("."):
+    if part not in node:
+      return _MISSING
+    node = node[part]
+  return node
 
 
 def _flat_json(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -29,6 +29,7 @@ from lcrec_jax.data.dataset import Dataset
 from lcrec_jax.eval import evaluate as evaluate_lib
 from lcrec_jax.eval import report
 from lcrec_jax.errors import WorkdirError
+from lcrec_jax.pipeline.stage import as_settings
 from lcrec_jax.pipeline.stages.baseline import summary_lines
 from lcrec_jax.eval import restore as restore_lib
 from lcrec_jax.index.item_index import ItemIndex
@@ -36,7 +37,7 @@ from lcrec_jax.llm import build
 from lcrec_jax.llm.model import Llama
 from lcrec_jax.llm.tokenizer import LCRecTokenizer
 from lcrec_jax.train import mesh as mesh_lib
-from lcrec_jax.train.finite import check_finite
+from lcrec_jax.runtime.finite import check_finite
 
 
 def _baseline_lines(workdir: str) -> list[str]:
@@ -73,12 +74,12 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, index: ItemInd
   device, with the rules of ``config.mesh.axis_rules``.
   """
   from lcrec_jax.pipeline.stages.train import trained_tree  # pylint: disable=g-import-not-at-top
+  config = as_settings(config)
   layout = workdir_lib.Layout(workdir)
   source = policy_source(workdir) if source is None else source
   dtype = config.train.compute_dtype if compute_dtype is None else compute_dtype
-  lora = config.model.get("lora", None)
   # every weight comes from the checkpoint: a full fine-tune, or the RL policy
-  full = lora is None or lora.rank <= 0 or source == "rl"
+  full = config.model.lora.rank <= 0 or source == "rl"
   model, base, tokenizer = build.build_model(
       config.model, index, config.seed, tokenizer_dir=layout.tokenizer_dir,
       abstract=full)
@@ -96,6 +97,7 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, index: ItemInd
 
 def run_eval_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Dataset,
                    index: ItemIndex, force: bool = False) -> dict:
+  config = as_settings(config)
   layout = workdir_lib.Layout(workdir)
   path = layout.results
   if fs.exists(path) and not force:
@@ -123,4 +125,4 @@ def run_eval_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Dat
 
 def run(ctx, force: bool) -> dict:
   """The stage (:class:`lcrec_jax.pipeline.stage.Stage`)."""
-  return run_eval_stage(ctx.config, ctx.workdir, ctx.dataset, ctx.index, force=force)
+  return run_eval_stage(ctx.settings, ctx.workdir, ctx.dataset, ctx.index, force=force)

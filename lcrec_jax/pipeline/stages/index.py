@@ -38,8 +38,10 @@ from lcrec_jax.index import report as report_lib
 from lcrec_jax.index import rqkmeans
 from lcrec_jax.index import trainer
 from lcrec_jax.index.item_index import ItemIndex
+from lcrec_jax.pipeline import spec
+from lcrec_jax.pipeline.stage import as_settings
 
-CHECKPOINT_CHOICES = ("best_collision", "best_loss", "final")
+CHECKPOINT_CHOICES = spec.BY_NAME["index.checkpoint"].choices
 
 
 def index_paths(workdir: str) -> dict[str, str]:
@@ -78,6 +80,7 @@ def run_index_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
   Returns:
     The conflict-free :class:`ItemIndex`.
   """
+  config = as_settings(config)
   paths = index_paths(workdir)
   if fs.exists(paths["done"]) and not force:
     index = load_index(workdir, dataset)
@@ -97,14 +100,14 @@ def run_index_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
                      f"for dataset {dataset.name!r}")
   if config.index.source == "rqkmeans":
     return _run_rqkmeans(config, paths, dataset, x)
-  which = str(config.index.get("checkpoint", "best_collision"))
+  which = str(config.index.checkpoint)
   if which not in CHECKPOINT_CHOICES:
     raise ValueError(f"index.checkpoint must be one of {CHECKPOINT_CHOICES}, got {which!r}")
 
   t0 = time.time()
   cf = None
   if trainer.letter_weights(config.rqvae)[0] > 0:  # LETTER's collaborative term
-    cf = _load_cf(str(config.rqvae.get("cf_embeddings", "") or ""))
+    cf = _load_cf(str(config.rqvae.cf_embeddings))
   model, variables, history = trainer.train_rqvae(config.rqvae, x, paths["dir"],
                                                   seed=int(config.seed), cf_embeddings=cf)
   train_s = time.time() - t0
@@ -235,7 +238,7 @@ def _log_summary(rep: dict, where: str) -> None:
 def run(ctx, force: bool) -> ItemIndex:
   """The stage (:class:`lcrec_jax.pipeline.stage.Stage`): codes from the item embeddings
   (none are computed for ``index.source = "file"``); the index is kept on ``ctx``."""
-  provided = ctx.config.index.source == "file"  # codes from a file: no embeddings
-  ctx.index = run_index_stage(ctx.config, ctx.workdir, ctx.dataset,
+  provided = ctx.settings.index.source == "file"  # codes from a file: no embeddings
+  ctx.index = run_index_stage(ctx.settings, ctx.workdir, ctx.dataset,
                               None if provided else ctx.embeddings, force=force)
   return ctx.index

@@ -25,6 +25,7 @@ from lcrec_jax import fs
 from lcrec_jax.pipeline import workdir as workdir_lib
 from lcrec_jax.data.dataset import Dataset
 from lcrec_jax.errors import WorkdirError
+from lcrec_jax.pipeline.stage import as_settings
 from lcrec_jax.eval import evaluate as evaluate_lib
 from lcrec_jax.index.item_index import ItemIndex
 from lcrec_jax.rl import rollout as rollout_lib
@@ -35,6 +36,7 @@ def run_rl_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Datas
                  index: ItemIndex, force: bool = False) -> str:
   """Runs (or resumes) the rl stage; returns ``<workdir>/rl``."""
   from lcrec_jax.pipeline.stages import eval as eval_stage  # pylint: disable=g-import-not-at-top
+  config = as_settings(config)
   layout = workdir_lib.Layout(workdir)
   out_dir, done = layout.rl_dir, layout.rl_done
   if fs.exists(done) and not force:
@@ -76,4 +78,4 @@ def run_rl_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Datas
 
 def run(ctx, force: bool) -> str:
   """The stage (:class:`lcrec_jax.pipeline.stage.Stage`)."""
-  return run_rl_stage(ctx.config, ctx.workdir, ctx.dataset, ctx.index, force=force)
+  return run_rl_stage(ctx.settings, ctx.workdir, ctx.dataset, ctx.index, force=force)
