@@ -7,7 +7,9 @@ sequences with the baselines' own batching and loss (``lcrec_jax.baselines.seque
 keeps the parameters of the best valid NDCG@10 (all items ranked; validated every
 ``--eval_every`` epochs, stopping after ``--patience`` evaluations without a gain), and
 writes ``item_emb[1:]`` (``[num_items, dim]`` float32; row 0 of the table is padding).
-Only training and valid data are used, never the test items.
+Only training and valid data are used, never the test items. ``--sasrec_out=S.npz`` also
+writes that whole SASRec (``lcrec_jax.baselines.sasrec.save``): the rl stage's collaborative
+reward reads it (``--config.rl.reward_collab=W --config.rl.collab_sasrec=S.npz``).
 
   python benchmarks/export_sasrec_embeddings.py --out=/tmp/levers/sasrec32.npy --dim=32
   python -m lcrec_jax.main --config=configs/ml100k_quick.py --workdir=runs/letter \\
@@ -28,7 +30,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from lcrec_jax.baselines import sequential  # noqa: E402
+from lcrec_jax.baselines import sasrec, sequential  # noqa: E402
 from lcrec_jax.baselines.sasrec import SASRec  # noqa: E402
 from lcrec_jax.data.dataset import Dataset  # noqa: E402
 
@@ -40,7 +42,7 @@ def train_item_embeddings(dataset: Dataset, *, dim: int = 32, max_len: int = 50,
   """``(item embeddings [num_items, dim] float32, info)`` of a SASRec trained on ``dataset``.
 
   ``info``: ``best_epoch``, ``valid`` (the best valid metrics, all items ranked),
-  ``epochs_run``, ``seconds``.
+  ``epochs_run``, ``seconds``, ``model`` and ``params`` (that SASRec).
   """
   t0 = time.perf_counter()
   split, n = dataset.split(), dataset.num_items
@@ -86,12 +88,14 @@ def train_item_embeddings(dataset: Dataset, *, dim: int = 32, max_len: int = 50,
         break
   emb = np.asarray(best[1]["item_emb"]["embedding"], np.float32)[1:]
   return emb, {"best_epoch": best[2], "valid": best[3], "epochs_run": epoch,
-               "seconds": time.perf_counter() - t0}
+               "seconds": time.perf_counter() - t0, "model": model, "params": best[1]}
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--out", required=True, help="where to write the .npy")
+  p.add_argument("--sasrec_out", default="",
+                 help="also write the SASRec itself (.npz) for rl.collab_sasrec")
   p.add_argument("--dim", type=int, default=32, help="= rqvae.e_dim of the recipe")
   p.add_argument("--data_format", default="movielens")
   p.add_argument("--data_path", default="", help='"" = the recbole wheel\'s ml-100k')
@@ -108,6 +112,10 @@ def main() -> None:
   print(f"wrote {a.out}: {list(emb.shape)} float32; best valid (all items ranked) "
         f"{info['valid']} at epoch {info['best_epoch']} of {info['epochs_run']}, "
         f"{info['seconds']:.0f}s")
+  if a.sasrec_out:
+    os.makedirs(os.path.dirname(os.path.abspath(a.sasrec_out)) or ".", exist_ok=True)
+    sasrec.save(a.sasrec_out, info["model"], info["params"])
+    print(f"wrote {a.sasrec_out}: the SASRec (rl.collab_sasrec)")
 
 
 if __name__ == "__main__":

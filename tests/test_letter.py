@@ -114,7 +114,7 @@ def test_cf_embeddings_checked():
 
 
 @pytest.mark.slow
-def test_sasrec_embedding_export_shape():
+def test_sasrec_embedding_export_shape(tmp_path):
   import importlib.util
   import pathlib
   path = pathlib.Path(__file__).parents[1] / "benchmarks" / "export_sasrec_embeddings.py"
@@ -127,3 +127,9 @@ def test_sasrec_embedding_export_shape():
                                         batch_size=8)
   assert emb.shape == (60, 8) and emb.dtype == np.float32 and np.isfinite(emb).all()
   assert info["best_epoch"] in (1, 2) and 0.0 <= info["valid"]["NDCG@10"] <= 1.0
+  # --sasrec_out: the whole SASRec, read back by the rl stage's collaborative reward.
+  from lcrec_jax.rl import collab
+  out = str(tmp_path / "s.npz")
+  mod.sasrec.save(out, info["model"], info["params"])
+  model, params = collab.load_sasrec(out, 60)
+  np.testing.assert_array_equal(params["item_emb"]["embedding"][1:], emb)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -49,3 +50,21 @@ def test_rl_stage_end_to_end(tmp_path):
   assert {"rl/reward", "rl/kl", "rl/zero_adv_share"} <= set(rows[0])
   log = _run(wd, emb, *RL)   # default stages: the finished rl stage is current
   assert "== stage eval (reuse)" in log and "== stage rl" not in log
+  # The collaborative reward from a saved SASRec (random, tiny): the stage runs again from
+  # scratch with it, and it is in the rewards at its weight. Per beam, the ranking reward
+  # averages |penalty of the target's rank| / G <= 0.098 (G = 4) over a group, the collab
+  # reward (a softmax over the group) 1 / G, x 0.5 = 0.125.
+  assert summary["reward"] < 0.098
+  import jax
+  from lcrec_jax.baselines import sasrec
+  model = sasrec.SASRec(1682, 50, dim=8, num_blocks=1, num_heads=1)
+  params = model.init(jax.random.PRNGKey(0), np.ones((1, 8), np.int32), train=False)["params"]
+  sas = tmp_path / "sasrec.npz"
+  sasrec.save(str(sas), model, params)
+  log = _run(wd, emb, "--stages=rl", *RL, "--config.rl.reward_collab=0.5",
+             f"--config.rl.collab_sasrec={sas}")
+  assert re.search(r"\brl\s+run from scratch", log), log[-3000:]
+  summary = json.loads((wd / "rl" / "summary.json").read_text())
+  assert summary["step"] == 2 and summary["reward"] >= 0.125 - 1e-6
+  manifest = json.loads((wd / "rl" / "MANIFEST.json").read_text())
+  assert str(sas) in manifest["inputs"]

@@ -20,11 +20,15 @@ last ``<= max_len`` items, where the band changes nothing.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
 from lcrec_jax.baselines import sequential
 from lcrec_jax.data.dataset import Dataset
@@ -107,3 +111,39 @@ def train_and_evaluate(dataset: Dataset, cfg: SASRecConfig, seed: int = 0) -> di
                  cfg.dropout, cfg.inner, cfg.act)
   out = sequential.train_and_evaluate(model, cfg, dataset, name="sasrec", seed=seed)
   return {**out, "config": dataclasses.asdict(cfg)}
+
+
+# The constructor fields a saved SASRec records (dropout too: it is inactive when scoring).
+SAVED_FIELDS = ("num_items", "max_len", "dim", "num_blocks", "num_heads", "dropout", "inner",
+                "act")
+
+
+def save(path: str, model: SASRec, params: Any) -> None:
+  """Writes a trained SASRec as one ``.npz``: ``config`` (its constructor fields, json) and
+  one ``params/<module>/<leaf>`` array per parameter. Read back by :func:`load`."""
+  flat = traverse_util.flatten_dict(nn.unbox(params), sep="/")
+  cfg = json.dumps({f: getattr(model, f) for f in SAVED_FIELDS})
+  with open(path, "wb") as f:
+    np.savez(f, config=np.asarray(cfg),
+             **{f"params/{k}": np.asarray(v, np.float32) for k, v in flat.items()})
+
+
+def load(path: str) -> tuple[SASRec, Any]:
+  """``(model, params)`` of a :func:`save` file; ValueError if it is not one (a missing
+  field or parameter, or a parameter of the wrong shape)."""
+  with np.load(path, allow_pickle=False) as z:
+    if "config" not in z.files:
+      raise ValueError(f"{path}: no 'config' entry (not written by sasrec.save)")
+    cfg = json.loads(str(z["config"]))
+    flat = {k[len("params/"):]: np.asarray(z[k]) for k in z.files if k.startswith("params/")}
+  if sorted(cfg) != sorted(SAVED_FIELDS):
+    raise ValueError(f"{path}: config fields {sorted(cfg)}, expected {sorted(SAVED_FIELDS)}")
+  model = SASRec(**cfg)
+  want = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.ones((1, 8), np.int32),
+                                           train=False))["params"]
+  want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(want, sep="/").items()}
+  got = {k: tuple(v.shape) for k, v in flat.items()}
+  if got != want:
+    bad = sorted(set(got) ^ set(want)) or sorted(k for k in got if got[k] != want[k])
+    raise ValueError(f"{path}: parameters do not match a SASRec of {cfg} (first: {bad[0]})")
+  return model, traverse_util.unflatten_dict(flat, sep="/")

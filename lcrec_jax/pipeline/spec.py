@@ -296,6 +296,12 @@ KEYS: tuple[Key, ...] = (
     Key("rl.keep_checkpoints", 2, int, check=_POS),
     Key("rl.eval_every", 0, int, check=_NONNEG,
         doc="steps between valid HR/NDCG on eval.quick_users users; 0 = at the end only"),
+    Key("rl.reward_collab", 0.0, float, check=_NONNEG,
+        doc="weight of the collaborative reward: rl.collab_sasrec's softmax over each "
+            "group's beams (lcrec_jax/rl/collab.py); 0 = off"),
+    Key("rl.collab_sasrec", "", str,
+        doc="a saved SASRec (.npz, benchmarks/export_sasrec_embeddings.py --sasrec_out); "
+            "needed when rl.reward_collab > 0"),
 )
 BY_NAME: dict[str, Key] = {k.name: k for k in KEYS}
 
@@ -428,6 +434,8 @@ def _check_paths(c: ml_collections.ConfigDict, stages: Sequence[str]) -> None:
                ("rqvae.cf_embeddings", c.rqvae.cf_embeddings if c.rqvae.cf_weight > 0 else "")]
   if "train" in stages:
     checks += [("model.hf_dir", c.model.hf_dir), ("model.gguf_path", c.model.gguf_path)]
+  if "rl" in stages:
+    checks += [("rl.collab_sasrec", c.rl.collab_sasrec if c.rl.reward_collab > 0 else "")]
   for name, value in checks:
     if value and "://" not in value and not os.path.exists(value):
       raise _fail(name, value, "no such file or directory")
@@ -512,7 +520,11 @@ def _check_cross(c: ml_collections.ConfigDict, num_devices: int | None) -> None:
 
 
 def _check_rl(c: ml_collections.ConfigDict, num_devices: int | None) -> None:
-  """The rl stage's rules: its update prompts split evenly over the mesh's batch axes."""
+  """The rl stage's rules: its update prompts split evenly over the mesh's batch axes; a
+  collaborative reward names its SASRec."""
+  if c.rl.reward_collab > 0 and not c.rl.collab_sasrec:
+    raise _fail("rl.collab_sasrec", "", "needed when rl.reward_collab > 0: a saved SASRec "
+                "(benchmarks/export_sasrec_embeddings.py --sasrec_out)")
   if num_devices is None:
     return
   from lcrec_jax.train import mesh as mesh_lib

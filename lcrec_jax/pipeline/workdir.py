@@ -113,6 +113,7 @@ ADDED_DEFAULTS: dict[str, Any] = {
     "tasks.seqrec_windows": False,
     "rqvae.cf_weight": 0.0, "rqvae.cf_embeddings": "", "rqvae.diversity_weight": 0.0,
     "rqvae.diversity_clusters": 10,
+    "rl.reward_collab": 0.0, "rl.collab_sasrec": "",                 # issue 21: collab reward
 }
 
 # Fields whose change does not invalidate an UNFINISHED stage's checkpoints: the way out of
@@ -392,6 +393,10 @@ def input_files(stage: str, flat_config: Mapping[str, Any]) -> dict[str, str]:
   if stage == "index" and (flat_config.get("rqvae.cf_weight") or 0) > 0 and cf and (
       os.path.isfile(cf)):
     files.append(cf)  # LETTER's collaborative embeddings
+  sas = flat_config.get("rl.collab_sasrec")
+  if stage == "rl" and (flat_config.get("rl.reward_collab") or 0) > 0 and sas and (
+      os.path.isfile(sas)):
+    files.append(sas)  # the SASRec of the collaborative reward
   return {os.path.abspath(p): _file_hash(p) for p in files}
 
 

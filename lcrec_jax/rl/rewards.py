@@ -14,8 +14,10 @@ credited rewards to the wrong samples that way when two prompts had the same tex
 * :func:`partial_credit_reward`: the share of code levels the beam's code matches the
   target's, counted from the first level as long as they agree (a trie prefix), in
   ``[0, 1]``; 1 only for the target itself.
-* a collaborative reward (e.g. a sequential model's score of each beam's item) is any
-  callable ``(prompt_ids, items [P, G]) -> [P, G]``: :func:`combine` weights it in.
+* further rewards are callables ``(prompt_rows [P], items [P, G]) -> [P, G]`` that
+  :func:`combine` weights in by name, e.g. the collaborative reward ``"collab"`` (the
+  in-project SASRec's score of each beam's item, ``rl.reward_collab``:
+  :mod:`lcrec_jax.rl.collab`).
 
 Beams that are no item (``-1``: fewer allowed items than beams) get 0 from every reward
 and are masked out of the loss by the caller.

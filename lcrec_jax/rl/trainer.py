@@ -82,6 +82,8 @@ class RLSettings:
   checkpoint_every: int
   keep_checkpoints: int
   eval_every: int
+  reward_collab: float
+  collab_sasrec: str
 
   @classmethod
   def from_config(cls, cfg_rl: Any) -> "RLSettings":
@@ -96,7 +98,8 @@ class RLSettings:
     return self.prompts_per_step * (self.oversample if self.zero_adv == "oversample" else 1)
 
   def reward_weights(self) -> dict[str, float]:
-    return {"ranking": self.reward_ranking, "partial": self.reward_partial}
+    return {"ranking": self.reward_ranking, "partial": self.reward_partial,
+            "collab": self.reward_collab}
 
 
 # What train_rl returns: the SFT trainer's result type (final state, loop steps done,
@@ -244,11 +247,15 @@ def train_rl(config: ml_collections.ConfigDict, out_dir: str, model: nn.Module,
     eval_callbacks: ``(step, state) -> metrics`` run every ``rl.eval_every`` steps and at
       the end, logged under ``valid/``.
     extra_rewards: further rewards by name (:func:`lcrec_jax.rl.rewards.combine`),
-      weighted by ``extra_weights``.
+      weighted by ``extra_weights``; ``"collab"`` (:class:`lcrec_jax.rl.collab.SASRecReward`)
+      is weighted by ``rl.reward_collab`` and needed when that is > 0.
     stop_after: stop (as a preemption would, with a checkpoint) after this loop step;
       for tests of resume.
   """
   st, tc = RLSettings.from_config(config.rl), config.train
+  if st.reward_collab > 0 and "collab" not in (extra_rewards or {}):
+    raise ValueError(f"rl.reward_collab={st.reward_collab}: no 'collab' reward given "
+                     "(the rl stage builds it from rl.collab_sasrec)")
   mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.mesh)
   rules = mesh_lib.axis_rules(config.mesh)
   compute_dtype = DTYPES[tc.compute_dtype]

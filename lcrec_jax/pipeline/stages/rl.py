@@ -10,7 +10,9 @@ the frozen reference. Builds the prompts from the training prefixes
 (``eval.quick_users`` users, every ``rl.eval_every`` steps and at the end). Writes under
 ``<workdir>/rl/``: ``checkpoints/``, ``metrics.jsonl``, ``tb/``, ``summary.json`` (means
 of reward, KL, zero-advantage share, hit rate, the time split, the stage's seconds) and
-``DONE``. An interrupted stage resumes from its newest checkpoint; once ``DONE`` exists
+``DONE``. With ``rl.reward_collab > 0`` the SASRec of ``rl.collab_sasrec`` is read first
+(before the SFT model) and scores each beam's item (:mod:`lcrec_jax.rl.collab`). An
+interrupted stage resumes from its newest checkpoint; once ``DONE`` exists
 the eval stage evaluates this policy instead of the SFT model.
 """
 
@@ -28,6 +30,7 @@ from lcrec_jax.errors import WorkdirError
 from lcrec_jax.pipeline.stage import as_settings
 from lcrec_jax.eval import evaluate as evaluate_lib
 from lcrec_jax.index.item_index import ItemIndex
+from lcrec_jax.rl import collab as collab_lib
 from lcrec_jax.rl import rollout as rollout_lib
 from lcrec_jax.rl import trainer as rl_trainer
 
@@ -46,6 +49,8 @@ def run_rl_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Datas
     raise WorkdirError(f"{layout.model_done} not found: the train stage has not "
                        "finished", hint="run it first: --stages=train,rl")
   t0 = time.perf_counter()
+  sasrec = (collab_lib.load_sasrec(config.rl.collab_sasrec, dataset.num_items)
+            if config.rl.reward_collab > 0 else None)
   model, sft, tokenizer = eval_stage.load_trained(config, workdir, index, source="train",
                                                   compute_dtype="float32")
   mesh = eval_stage.params_mesh(sft)
@@ -58,8 +63,9 @@ def run_rl_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Datas
                config.rl.num_generations)
   hook = evaluate_lib.validation_hook(model, tokenizer, dataset, index, config.eval,
                                       config.tasks)
+  extra = {"collab": collab_lib.SASRecReward(*sasrec, prompts.seen)} if sasrec else None
   result = rl_trainer.train_rl(config, out_dir, model, sft, decoder, prompts, mesh=mesh,
-                               eval_callbacks=[hook])
+                               eval_callbacks=[hook], extra_rewards=extra)
   if result.stopped_early:
     logging.warning("rl stage: stopped early at step %d (preemption); rerun to resume",
                     result.step)
