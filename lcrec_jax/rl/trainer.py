@@ -234,8 +234,12 @@ def train_rl(config: ml_collections.ConfigDict, out_dir: str, model: nn.Module,
              stop_after: int | None = None) -> RLResult:
   """GRPO from the SFT params (see the module docstring); resumes from ``out_dir``.
 
+  Longer than the ~80-line rule on purpose, as ``lcrec_jax.train.trainer.train``: the
+  step loop's closures (rollout + update, evaluations, logging, checkpoint save, the
+  non-finite policy) share its state.
+
   Args:
-    config: whole config: ``rl`` (:class:`RLSettings`), ``train`` (``b1``, ``b2``,
+    config: the run's settings (``lcrec_jax.pipeline.spec.RunSettings``): ``rl`` (:class:`RLSettings`), ``train`` (``b1``, ``b2``,
       ``eps``, ``compute_dtype``, ``on_nonfinite``, ``max_nonfinite_skips``,
       ``tensorboard``, ``async_checkpoint``), ``mesh``.
     out_dir: the stage directory (checkpoints, metrics).
