@@ -53,6 +53,10 @@ def test_layout_is_one_place(tmp_path):
       wd, "baseline")
   assert wl.manifest_path(wd, "train") == f"{wd}/model/MANIFEST.json"
   assert lay.state_dirs("train") == [f"{wd}/train", f"{wd}/model"]
+  from lcrec_jax.pipeline.stages import REGISTRY
+  os.makedirs(f"{wd}/index")
+  open(f"{wd}/index/index.json", "w").close()
+  assert REGISTRY["index"].outputs(lay) == {"index/index.json": f"{wd}/index/index.json"}
 
 
 def test_absolute(tmp_path, monkeypatch):

@@ -29,9 +29,9 @@ class Stage:
     dir: directory (under the workdir) of its DONE marker and MANIFEST.json.
     done: the file in ``dir`` whose presence means it finished.
     state_dirs: directories a from-scratch run removes first (checkpoints included).
-    outputs: paths (relative to the workdir) hashed into the manifest when it finishes
-      and checked before it is reused; a trailing ``/`` is every file below, ``{latest}``
-      the newest numbered checkpoint.
+    output_patterns: paths (relative to the workdir) hashed into the manifest when it
+      finishes and checked before it is reused; a trailing ``/`` is every file below,
+      ``{latest}`` the newest numbered checkpoint (:meth:`outputs` resolves them).
     optional_upstream: upstream stages used only when they finished (eval and rl).
     resumes: what an unfinished re-run keeps (the plan line's words), "" if nothing.
     impl: ``"module:function"`` (or a callable) run as ``impl(ctx, force)``.
@@ -42,13 +42,16 @@ class Stage:
   dir: str
   done: str
   state_dirs: tuple[str, ...]
-  outputs: tuple[str, ...]
+  output_patterns: tuple[str, ...]
   impl: str | Callable[["Context", bool], Any]
   optional_upstream: tuple[str, ...] = ()
   resumes: str = ""
 
-  def output_patterns(self) -> tuple[str, ...]:
-    return self.outputs
+  def outputs(self, layout: Any) -> dict[str, str]:
+    """``{path relative to the workdir: path}`` of the outputs that exist in ``layout``
+    (a :class:`~lcrec_jax.pipeline.workdir.Layout`), what the manifest records."""
+    from lcrec_jax.pipeline import workdir  # pylint: disable=g-import-not-at-top
+    return workdir.output_files(layout.root, self.name)
 
   def run(self, ctx: "Context", force: bool) -> Any:
     """Runs the stage (``force``: even when its done marker exists)."""

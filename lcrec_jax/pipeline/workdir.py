@@ -88,7 +88,7 @@ _STATE_DIRS = {n: st.state_dirs for n, st in _stages.REGISTRY.items()}
 # Outputs whose sizes (and content hashes, files up to _OUTPUT_HASH_LIMIT) go into the
 # manifest when the stage finishes and are checked before it is reused: what the
 # downstream stages and `recommend` read (Stage.outputs).
-_OUTPUTS = {n: st.outputs for n, st in _stages.REGISTRY.items()}
+_OUTPUTS = {n: st.output_patterns for n, st in _stages.REGISTRY.items()}
 _HASH_LIMIT = 1 << 28  # input files
 _OUTPUT_HASH_LIMIT = 1 << 26  # outputs: bigger ones are checked by size (plan-time cost)
 # What an unfinished stage's re-run keeps (the plan line says it).
@@ -288,7 +288,7 @@ def _size(p: str) -> int:
   return fs.path(p).stat().length if fs.is_remote(p) else os.path.getsize(p)
 
 
-def _output_files(workdir: str, stage: str) -> dict[str, str]:
+def output_files(workdir: str, stage: str) -> dict[str, str]:
   """``{path relative to the workdir: path}`` of the outputs :data:`_OUTPUTS` names."""
   out = {}
   for rel in _OUTPUTS.get(stage, ()):
@@ -328,7 +328,7 @@ def _walk_files(directory: str, prefix: str = "") -> list[str]:
 def _outputs(workdir: str, stage: str) -> dict[str, dict[str, Any]]:
   """``{relative path: {"size", "sha256" (files up to _OUTPUT_HASH_LIMIT)}}``."""
   out = {}
-  for rel, p in _output_files(workdir, stage).items():
+  for rel, p in output_files(workdir, stage).items():
     size = _size(p)
     rec: dict[str, Any] = {"size": size}
     if size <= _OUTPUT_HASH_LIMIT:
