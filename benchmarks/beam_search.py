@@ -15,7 +15,9 @@ Set-up, identical for both sides and in one process:
 * 20 beams, 20 returned sequences, 4 new tokens (one per code level), float32.
 
 Ours: :func:`lcrec_jax.decode.beam_search.constrained_beam_search` (trie mask, jitted, prompt
-prefilled once per user, KV cache) on batches of ``--batch`` users, left-padded to one length.
+prefilled once per user, KV cache) on batches of ``--batch`` users, left-padded to one length
+(the longest of all prompts), or with ``--bucket=N`` bucketed by length: users sorted by
+prompt length and each batch padded to its own longest, rounded up to a multiple of N.
 ``--cache_layout=both`` also times the former full-copy cache layout (``cache_layout="full"``),
 alternating batches with the default split layout, so that both ratios to HF come from one
 process under the same load.
@@ -69,6 +71,10 @@ _USERS = flags.DEFINE_integer("users", 0, "users to time on our side (0: 3 batch
 _HF_USERS = flags.DEFINE_integer("hf_users", 0, "users to time with HF generate (0: 5, 2 if --quick)")
 _NO_HF = flags.DEFINE_bool("no_hf", False, "time ours only")
 _TORCH_DEVICE = flags.DEFINE_string("torch_device", "cpu", "device of the PyTorch model (cpu, cuda)")
+_BUCKET = flags.DEFINE_integer(
+    "bucket", 0, "ours: prompts bucketed by length: users sorted by prompt length, each "
+    "batch padded to its own longest rounded up to a multiple of this; 0: every batch "
+    "padded to the longest of all prompts (the former set-up)")
 _CACHE_LAYOUT = flags.DEFINE_enum(
     "cache_layout", "split", ["split", "full", "both"],
     "our KV cache: prompt once per user (split), prompt copied into every beam (full, the "
@@ -205,31 +211,47 @@ def main(argv):
 
   prompts = make_prompts(max(n_ours, n_hf), _PROMPT_LEN.value, base_vocab)
   pad_len = max(len(p) for p in prompts)
+  bucket = _BUCKET.value
+  # With --bucket, our users are taken shortest first (HF's order does not matter: one
+  # user per call); the agreement check below maps each HF user to its place in ours.
+  order = (sorted(range(n_ours), key=lambda i: (len(prompts[i]), i)) if bucket
+           else list(range(n_ours)))
+  ours_prompts = [prompts[i] for i in order]
   cid = jnp.asarray(code_ids)
 
   layouts = ["split", "full"] if _CACHE_LAYOUT.value == "both" else [_CACHE_LAYOUT.value]
 
+  def padded_length(users):
+    return -(-max(len(p) for p in users) // bucket) * bucket if bucket else pad_len
+
   def ours(users, layout):
-    tok, mask = left_pad(users + [users[-1]] * (batch - len(users)), pad_len)
+    tok, mask = left_pad(users + [users[-1]] * (batch - len(users)), padded_length(users))
     res = constrained_beam_search(model, params, jnp.asarray(tok), jnp.asarray(mask), cid, trie,
                                   num_beams=beams, cache_layout=layout)
     return jax.block_until_ready(res)
 
   for layout in layouts:
     t0 = time.perf_counter()
-    ours(prompts[:batch], layout)
-    print(f"ours ({layout} cache): compile + first batch {time.perf_counter() - t0:.1f} s",
-          flush=True)
+    warmed = set()
+    for s in range(0, n_ours, batch):  # one compile per padded length (bucket)
+      users = ours_prompts[s:s + batch]
+      length = padded_length(users)
+      if length not in warmed:
+        warmed.add(length)
+        ours(users, layout)
+    print(f"ours ({layout} cache): compile + one batch per padded length {sorted(warmed)}: "
+          f"{time.perf_counter() - t0:.1f} s", flush=True)
   our_times = {l: [] for l in layouts}
   our_cpu = {l: [] for l in layouts}
   our_res = {l: [] for l in layouts}
   for s in range(0, n_ours, batch):
     for layout in layouts:
       t0, c0 = time.perf_counter(), time.process_time()
-      our_res[layout].append(ours(prompts[s:s + batch], layout))
+      our_res[layout].append(ours(ours_prompts[s:s + batch], layout))
       our_times[layout].append((time.perf_counter() - t0) / batch)
       our_cpu[layout].append((time.process_time() - c0) / batch)
-      print(f"  ours ({layout}) batch {len(our_times[layout])}: "
+      print(f"  ours ({layout}) batch {len(our_times[layout])} "
+            f"(padded to {padded_length(ours_prompts[s:s + batch])}): "
             f"{our_times[layout][-1] * batch:.2f} s wall, {our_cpu[layout][-1] * batch:.2f} s cpu",
             flush=True)
   our_med = {l: statistics.median(our_times[l]) for l in layouts}
@@ -267,10 +289,13 @@ def main(argv):
 
   same, max_diff = 0, 0.0
   for u, (toks, scores) in enumerate(hf_outs):
-    r = our_res[layouts[0]][u // batch]
-    our_tokens = code_ids[np.arange(LEVELS)[None], np.asarray(r.codes[u % batch])]
+    if u >= n_ours:
+      break
+    pos = order.index(u)                        # where user u sits in our batches
+    r = our_res[layouts[0]][pos // batch]
+    our_tokens = code_ids[np.arange(LEVELS)[None], np.asarray(r.codes[pos % batch])]
     same += int(np.array_equal(our_tokens, toks))
-    max_diff = max(max_diff, float(np.abs(np.asarray(r.scores[u % batch]) - scores).max()))
+    max_diff = max(max_diff, float(np.abs(np.asarray(r.scores[pos % batch]) - scores).max()))
   print(f"agreement: identical top-{beams} lists for {same}/{len(hf_outs)} users, "
         f"max |score diff| {max_diff:.2e}")
 

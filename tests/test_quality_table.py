@@ -142,3 +142,26 @@ def test_command_prints_table_and_refuses_with_one_line(tmp_path):
   bad = subprocess.run(cmd + [f"--workdirs={a},{b}"], capture_output=True, text=True)
   assert bad.returncode == 2 and bad.stderr.startswith("quality_table: error: ")
   assert "seed 0 is in both" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_rl_policy_runs_are_their_own_row_under_each_protocol(tmp_path):
+  """SFT and RL evaluations of the same seeds, under both protocols, in one call: four
+  lcrec rows, each the numpy mean of its own two workdirs."""
+  rng = np.random.default_rng(3)
+  res = {}
+  for seed in (42, 43):
+    for policy, proto in (("sft", "all_items"), ("sft", "seen_excluded"),
+                          ("rl", "all_items"), ("rl", "seen_excluded")):
+      d = str(tmp_path / f"s{seed}_{policy}_{proto}")
+      r = _eval(d, seed, rng, protocol=proto)
+      r["settings"]["policy"] = policy
+      _write(os.path.join(d, "eval", "results.json"), r)
+      res.setdefault((policy, proto), []).append((d, r))
+  dirs = [d for v in res.values() for d, _ in v]
+  table = qt.aggregate(qt.collect(dirs))
+  for (policy, proto), v in res.items():
+    row = table[proto][qt.LCREC_RL if policy == "rl" else qt.LCREC]
+    assert row["seeds"] == ["42/0", "43/0"]
+    want = np.mean([r["test"]["mean"]["NDCG@10"] for _, r in v])
+    assert row["NDCG@10"][0] == pytest.approx(want, abs=1e-12)
+  assert "| lcrec-jax + RL | 2 (42/0, 43/0) |" in qt.markdown(qt.collect(dirs))

@@ -3,7 +3,8 @@
 Reads, from each workdir, ``baselines/results.json`` (popularity, SASRec, GRU4Rec under
 ``"unmasked"`` and ``"masked"``, each entry with its ``seed`` and ``data``) and
 ``eval/results.json`` (lcrec-jax under the one protocol its run used,
-``eval.exclude_seen``; its seed from the results or the workdir's ``config.json``), and
+``eval.exclude_seen``; its seed from the results or the workdir's ``config.json``; a run
+whose eval restored the rl stage's policy is its own model, ``lcrec-jax + RL``), and
 gives one markdown table per protocol: each model's test HR@5 / NDCG@5 / HR@10 / NDCG@10
 as mean ± sample sd (``ddof=1``) over the seeds found.
 
@@ -37,7 +38,8 @@ HEADERS = {"all_items": "all items ranked", "seen_excluded": "seen items exclude
 _BASELINE_PROTOCOL = {"unmasked": "all_items", "masked": "seen_excluded"}
 BASELINES = {"popularity": "popularity", "sasrec": "SASRec", "gru4rec": "GRU4Rec"}
 LCREC = "lcrec-jax"
-MODELS = (LCREC,) + tuple(BASELINES.values())
+LCREC_RL = "lcrec-jax + RL"  # eval of the rl stage's policy (results settings.policy = "rl")
+MODELS = (LCREC, LCREC_RL) + tuple(BASELINES.values())
 METRICS = ("HR@5", "NDCG@5", "HR@10", "NDCG@10")
 # eval settings lcrec-jax runs must share to be averaged together
 _EVAL_SAME = ("num_beams_used", "template_ids", "primary_mode", "max_history", "max_users")
@@ -111,7 +113,8 @@ def _eval_run(workdir: str, split: str
   name = cfg.get("data", {}).get("name", "?")
   key_data = (name, int(settings.get("num_items", -1)), int(part["num_users"]))
   same = {k: settings.get(k) for k in _EVAL_SAME}
-  return (Run(LCREC, protocol, seed, part["mean"], workdir, key_data),
+  model = LCREC_RL if settings.get("policy") == "rl" else LCREC
+  return (Run(model, protocol, seed, part["mean"], workdir, key_data),
           (f"{path} {split}", key_data), same)
 
 
