@@ -34,7 +34,8 @@ def ml100k_texts() -> list[str]:
   """Item texts in item order, from the project loader when present, else read here."""
   try:
     from lcrec_jax.data.loaders import load_dataset
-    return load_dataset({"format": "movielens", "path": "", "name": "ml-100k"}).item_texts()
+    from lcrec_jax.pipeline import spec
+    return load_dataset(spec.section_settings("data", {"format": "movielens", "path": "", "name": "ml-100k"})).item_texts()
   except ImportError:
     pass
   path = str(importlib.metadata.distribution("recbole").locate_file(

@@ -26,7 +26,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lcrec_jax import fs  # noqa: E402
-from lcrec_jax.baselines import stage as baseline_stage  # noqa: E402
+from lcrec_jax.pipeline.stages import baseline as baseline_stage  # noqa: E402
 from lcrec_jax.eval import evaluate as ev  # noqa: E402
 from lcrec_jax.eval import report  # noqa: E402
 from lcrec_jax.recommend import load_finished_run  # noqa: E402

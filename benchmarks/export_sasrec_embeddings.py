@@ -104,7 +104,8 @@ def main() -> None:
   p.add_argument("--seed", type=int, default=0)
   a = p.parse_args()
   from lcrec_jax.data.loaders import load_dataset  # pylint: disable=g-import-not-at-top
-  ds = load_dataset({"format": a.data_format, "path": a.data_path, "name": a.data_name})
+  from lcrec_jax.pipeline import spec  # pylint: disable=g-import-not-at-top
+  ds = load_dataset(spec.section_settings("data", {"format": a.data_format, "path": a.data_path, "name": a.data_name}))
   emb, info = train_item_embeddings(ds, dim=a.dim, epochs=a.epochs, seed=a.seed)
   os.makedirs(os.path.dirname(os.path.abspath(a.out)) or ".", exist_ok=True)
   np.save(a.out, emb)

@@ -42,7 +42,7 @@ from lcrec_jax.data.loaders import load_dataset  # noqa: E402
 from lcrec_jax.index.item_index import ItemIndex  # noqa: E402
 from lcrec_jax.llm import bpe  # noqa: E402
 from lcrec_jax.tasks import batching, example_records, grain_batches  # noqa: E402
-from lcrec_jax.train import stage  # noqa: E402
+from lcrec_jax.pipeline.stages import train as stage  # noqa: E402
 
 _PASSES = flags.DEFINE_integer("passes", 5, "passes per reader (median reported)")
 _STEPS = flags.DEFINE_integer("steps", 300, "batches per pass (0 = a whole epoch)")

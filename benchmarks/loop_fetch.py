@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lcrec_jax.train import loop as loop_lib  # noqa: E402
+from lcrec_jax.runtime import loop as loop_lib  # noqa: E402
 
 WAIT_S = float(sys.argv[1]) / 1e3 if len(sys.argv) > 1 else 0.04
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 768

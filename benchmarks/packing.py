@@ -47,12 +47,12 @@ def _parse() -> argparse.Namespace:
 
 
 ARGS = _parse()
+from lcrec_jax.pipeline import spec  # noqa: E402
 from lcrec_jax import cpu_flags  # noqa: E402  (before jax: XLA reads XLA_FLAGS once)
 
 cpu_flags.apply_recommended(force=True)
 
 import jax  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lcrec_jax.index.item_index import ItemIndex  # noqa: E402
@@ -92,9 +92,9 @@ def main() -> None:
                         intermediate=384)
   model = Llama(cfg)
   params = init_params(cfg, jax.random.PRNGKey(0))
-  tc = ml_collections.ConfigDict(dict(lr=2e-3, warmup_steps=20, schedule="cosine",
-                                      weight_decay=0.01, max_grad_norm=1.0, b1=0.9,
-                                      b2=0.999, eps=1e-8))
+  tc = spec.section_settings("train", lr=2e-3, warmup_steps=20, schedule="cosine",
+                             weight_decay=0.01, max_grad_norm=1.0, b1=0.9, b2=0.999,
+                             eps=1e-8)
   tx, schedule = state_lib.make_optimizer(tc, 1200)
   print(f"examples {examples}, vocab {vocab}, {len(code_ids)} code tokens, "
         f"batch {ARGS.batch}, devices {jax.device_count()}", flush=True)

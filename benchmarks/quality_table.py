@@ -8,7 +8,7 @@ and prints one markdown table per protocol (all items ranked | seen items exclud
 lcrec-jax, popularity, SASRec and GRU4Rec, HR@5 / NDCG@5 / HR@10 / NDCG@10 as mean ± sd over
 the seeds found. Refuses, with one line, workdirs that disagree on the dataset, catalogue or
 users, lcrec-jax runs with different eval settings, and a seed found twice
-(:mod:`lcrec_jax.eval.quality_table`).
+(:mod:`lcrec_jax.pipeline.quality_table`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lcrec_jax import cli  # noqa: E402
 from lcrec_jax.errors import ConfigError  # noqa: E402
-from lcrec_jax.eval import quality_table  # noqa: E402
+from lcrec_jax.pipeline import quality_table  # noqa: E402
 
 _WORKDIRS = flags.DEFINE_list("workdirs", [], "Finished workdirs, comma-separated.")
 _SPLIT = flags.DEFINE_enum("split", "test", ["valid", "test"], "Split reported.")

@@ -25,6 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from lcrec_jax.data.loaders import load_dataset  # noqa: E402
+
+from lcrec_jax.pipeline import spec  # noqa: E402
 from lcrec_jax.index.item_index import ItemIndex  # noqa: E402
 from lcrec_jax.tasks import builders, prompts  # noqa: E402
 
@@ -65,7 +67,7 @@ def _report(name, examples, split):
 
 
 def main() -> None:
-  ds = load_dataset({"format": "movielens", "path": "", "name": "ml-100k"})
+  ds = load_dataset(spec.section_settings("data", {"format": "movielens", "path": "", "name": "ml-100k"}))
   index, split = _index(ds), ds.split()
   targets = sum(max(len(t) - 1, 0) for t in split.train)
   print(f"ML-100K: {targets} training targets (t >= 1), {ds.num_users} users")

@@ -13,7 +13,7 @@ Measured once (BENCHMARKS.md, "RL stage"): test NDCG@10 +5.9% (all items ranked)
 lr 1e-4 over all training prefixes lowered it by 12%.
 """
 
-from lcrec_jax import spec
+from lcrec_jax.pipeline import spec
 from lcrec_jax.recipes import sibling
 
 

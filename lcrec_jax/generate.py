@@ -24,7 +24,7 @@ from lcrec_jax.decode.unconstrained import beam_search
 from lcrec_jax.llm import build, safetensors_io
 from lcrec_jax.llm.model import Llama
 from lcrec_jax.llm.tokenizer import LCRecTokenizer
-from lcrec_jax.train.finite import check_finite
+from lcrec_jax.runtime.finite import check_finite
 
 _PROMPT = _MAX_NEW = _GGUF = _HF_DIR = _CHAT = None  # flag holders, set by define_flags
 
@@ -50,7 +50,7 @@ def load(gguf: str = "", hf_dir: str = ""):
   """``(model, params, tokenizer)`` from an HF directory or a GGUF file.
 
   Raises:
-    lcrec_jax.train.finite.NonFiniteError: the weights hold NaN/inf values.
+    lcrec_jax.runtime.finite.NonFiniteError: the weights hold NaN/inf values.
   """
   if hf_dir and gguf:
     raise ConfigError("--gguf and --hf_dir are both set; give one of them")

@@ -57,18 +57,19 @@ class FinishedRun(NamedTuple):
 
 
 def run_paths(workdir: str) -> dict[str, str]:
-  """Files of a finished run that recommend reads (local or ``gs://``)."""
-  return {"config": fs.join(workdir, "config.json"),
-          "model": fs.join(workdir, "model"),
-          "model_done": fs.join(workdir, "model", "DONE"),
-          "index_done": fs.join(workdir, "index", "DONE")}
+  """Files of a finished run that recommend reads (local or ``gs://``; from the
+  workdir :class:`~lcrec_jax.pipeline.workdir.Layout`)."""
+  from lcrec_jax.pipeline.workdir import Layout  # pylint: disable=g-import-not-at-top
+  lay = Layout(workdir)
+  return {"config": lay.config_json, "model": lay.model_dir, "model_done": lay.model_done,
+          "index_done": lay.index_done}
 
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config the finished model and index were built from.
 
   ``config.json`` (the last accepted ``main`` run) with the fields the index and train
-  stages read taken from their manifests (:func:`lcrec_jax.workdir.resolved_config`): a
+  stages read taken from their manifests (:func:`lcrec_jax.pipeline.workdir.resolved_config`): a
   later run with other values, or a hand edit, cannot change what the model is asked. A
   field where config.json disagrees is named in one warning line.
 
@@ -76,7 +77,7 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
     RecommendError: config.json is not valid JSON, or a manifest is unreadable.
   """
   from absl import logging  # pylint: disable=g-import-not-at-top
-  from lcrec_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.pipeline import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from lcrec_jax.errors import WorkdirError  # pylint: disable=g-import-not-at-top
   try:
     config, diffs = workdir_lib.resolved_config(workdir, ("index", "train"))
@@ -95,7 +96,7 @@ def load_finished_run(workdir: str) -> FinishedRun:
   Raises:
     RecommendError: ``workdir`` is not a run directory, or its index or model is not
       finished (names the missing file and the command that makes it).
-    lcrec_jax.train.finite.NonFiniteError: the exported model holds NaN/inf values.
+    lcrec_jax.runtime.finite.NonFiniteError: the exported model holds NaN/inf values.
   """
   paths = run_paths(workdir)
   if not fs.isdir(workdir):
@@ -111,11 +112,11 @@ def load_finished_run(workdir: str) -> FinishedRun:
   config = run_config(workdir)
   # Heavy imports only once the run is known to be usable.
   from lcrec_jax.data.loaders import load_dataset  # pylint: disable=g-import-not-at-top
-  from lcrec_jax.index.stage import load_index  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.pipeline.stages.index import load_index  # pylint: disable=g-import-not-at-top
   from lcrec_jax.llm import safetensors_io  # pylint: disable=g-import-not-at-top
   from lcrec_jax.llm.model import Llama  # pylint: disable=g-import-not-at-top
   from lcrec_jax.llm.tokenizer import LCRecTokenizer  # pylint: disable=g-import-not-at-top
-  from lcrec_jax.train.finite import check_finite  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.runtime.finite import check_finite  # pylint: disable=g-import-not-at-top
 
   dataset = load_dataset(config.data)
   index = load_index(workdir, dataset)
@@ -265,8 +266,7 @@ def recommend(run: FinishedRun, history: Sequence[int], k: int = 10, *,
   template_id = check_template(run, template_id)
   prompt = history_prompt(run, history, template_id)
   if decoder is None:
-    decoder = ev.Decoder(run.model, run.tokenizer, run.index, run.config.get("tasks", {})
-                         .get("buckets"))
+    decoder = ev.Decoder(run.model, run.tokenizer, run.index, run.config.tasks.buckets)
   # History items are banned inside the beam search (trie mode), so every beam is a
   # candidate; the position mask drops them after the search, hence the extra beams.
   skip = [] if include_history else sorted(set(int(i) for i in history))
@@ -284,8 +284,7 @@ def check_template(run: FinishedRun, template_id: int | None) -> int:
   (else 0); an out-of-range one is a :class:`RecommendError` naming ``--template``."""
   from lcrec_jax.tasks import prompts  # pylint: disable=g-import-not-at-top
   if template_id is None:
-    cfg_eval = run.config.get("eval", {}) or {}
-    tids = cfg_eval.get("template_ids", None) if cfg_eval else None
+    tids = run.config.eval.template_ids
     template_id = int(tids[0]) if tids else 0
   num_templates = len(prompts.templates("seqrec"))
   if not 0 <= int(template_id) < num_templates:
@@ -299,8 +298,8 @@ def history_prompt(run: FinishedRun, history: Sequence[int], template_id: int) -
   ``tasks.max_history`` are shown), exactly as the eval stage builds them."""
   from lcrec_jax.eval import evaluate as ev  # pylint: disable=g-import-not-at-top
   from lcrec_jax.tasks import prompts  # pylint: disable=g-import-not-at-top
-  cfg_tasks = run.config.get("tasks", {})
-  max_history = int(cfg_tasks.get("max_history", 20))
+  cfg_tasks = run.config.tasks
+  max_history = int(cfg_tasks.max_history)
   shown = [int(i) for i in history][-max_history:]
   codes = prompts.HISTORY_SEP.join(run.index.item_code_str(i) for i in shown)
   instruction, _ = prompts.templates("seqrec")[template_id].render({"history": codes,
@@ -311,8 +310,7 @@ def history_prompt(run: FinishedRun, history: Sequence[int], template_id: int) -
 def beam_width(run: FinishedRun, k: int) -> int:
   """Beams of the search for ``k`` answers: ``eval.num_beams`` (20), more for a larger ``k``,
   at most the catalogue."""
-  cfg_eval = run.config.get("eval", {}) or {}
-  base = int(cfg_eval.get("num_beams", 20)) if cfg_eval else 20
+  base = int(run.config.eval.num_beams)
   return min(run.index.num_items, max(base, k))
 
 

@@ -63,9 +63,10 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from lcrec_jax.pipeline import spec
 from lcrec_jax.llm.config import tiny
 from lcrec_jax.llm.model import Llama
-from lcrec_jax.train import checkpoint as ckpt_lib
+from lcrec_jax.runtime import checkpoint as ckpt_lib
 from lcrec_jax.train import mesh as mesh_lib
 from lcrec_jax.train import state as state_lib
 from lcrec_jax.train import trainer as trainer_lib
@@ -100,10 +101,10 @@ def batches(epoch: int, start: int):
 def make_config() -> ml_collections.ConfigDict:
   """Trainer config: 4 steps over epochs of 3, checkpoints every 2 steps, float32."""
   c = ml_collections.ConfigDict()
-  c.train = trainer_lib.default_train_config()
+  c.train = spec.section("train")
   c.train.update(dict(batch_size=GLOBAL_BATCH, num_steps=NUM_STEPS, lr=1e-2, warmup_steps=1,
                       checkpoint_every=2, keep_checkpoints=3, seed=5, tensorboard=False))
-  c.mesh = mesh_lib.default_mesh_config()
+  c.mesh = spec.section("mesh")
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = MESH
   return c
 
@@ -164,9 +165,9 @@ def pipeline() -> None:
   import json  # pylint: disable=g-import-not-at-top
   from lcrec_jax.data.loaders import load_dataset  # pylint: disable=g-import-not-at-top
   from lcrec_jax.encoders.item_embeddings import item_embeddings  # pylint: disable=g-import-not-at-top
-  from lcrec_jax.eval import stage as eval_stage  # pylint: disable=g-import-not-at-top
-  from lcrec_jax.index import stage as index_stage  # pylint: disable=g-import-not-at-top
-  from lcrec_jax.train import stage as train_stage  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.pipeline.stages import eval as eval_stage  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.pipeline.stages import index as index_stage  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.pipeline.stages import train as train_stage  # pylint: disable=g-import-not-at-top
   c = pipeline_config(ARGS.embeddings)
   dataset = load_dataset(c.data)
   x = item_embeddings(c.embed, dataset.item_texts())

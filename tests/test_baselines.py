@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lcrec_jax.baselines import gru4rec, popularity, sasrec, sequential
-from lcrec_jax.baselines import stage as stage_lib
+from lcrec_jax.pipeline.stages import baseline as stage_lib
 from lcrec_jax.data.dataset import Dataset, Item
 from lcrec_jax.errors import ConfigError
 

@@ -235,18 +235,15 @@ def test_plain_encode_tokenizer_works():
   assert prompts.HISTORY_SEP == ", "
 
 
-def test_tokenized_cache_round_trip(setup, tmp_path):
+def test_both_batchers_are_batch_readers(setup):
+  """The trainers' one batch-reader protocol: the in-memory reference and grain's."""
+  from lcrec_jax.tasks import grain_batches
+  for cls in (batching.Batcher, grain_batches.GrainBatcher):
+    for name in ("steps_per_epoch", "shapes", "plan", "batches"):
+      assert hasattr(cls, name), (cls, name)
   _, _, tok, examples = setup
-  a = batching.Batcher(examples, tok, batch_size=4, buckets=BUCKETS)
-  path = str(tmp_path / "cache" / "tok.npz")
-  a.data.save(path)
-  b = batching.Batcher(batching.TokenizedExamples.load(path), batch_size=4)
-  assert b.data.tasks == a.data.tasks and b.data.buckets == a.data.buckets
-  assert b.data.pad_id == a.data.pad_id
-  _same(list(a.batches(2, 3)), list(b.batches(2, 3)))
-  with pytest.raises(FileNotFoundError, match="cache not found"):
-    batching.TokenizedExamples.load(str(tmp_path / "nope.npz"))
-
+  assert isinstance(batching.Batcher(examples, tok, batch_size=4, buckets=BUCKETS),
+                    batching.BatchReader)
 
 def test_history_loss_labels_every_history_code_of_chosen_tasks(setup):
   """With the history loss, a seqrec row's labels are its prompt's code tokens (each the

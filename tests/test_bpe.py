@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import ml_collections
 import numpy as np
 import pytest
 
+from lcrec_jax.pipeline import spec
 from lcrec_jax.index.item_index import ItemIndex
 from lcrec_jax.llm import bpe, build
 from lcrec_jax.tasks import batching
@@ -59,8 +59,8 @@ def test_too_small_vocab_is_an_error():
 
 
 def _mc(**kw):
-  mc = ml_collections.ConfigDict(dict(init="random", preset="tiny", tokenizer="trained",
-                                      tokenizer_vocab=400, overrides={}))
+  mc = spec.section("model")  # the spec's defaults (dtypes, no LoRA, ...)
+  mc.update(dict(init="random", preset="tiny", tokenizer="trained", tokenizer_vocab=400))
   mc.update(kw)
   return mc
 

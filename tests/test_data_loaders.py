@@ -11,9 +11,11 @@ import os
 import numpy as np
 import pytest
 
+from lcrec_jax.pipeline import spec
 from lcrec_jax.data.dataset import Dataset, Item
 from lcrec_jax.data.errors import DataError, MissingFileError
-from lcrec_jax.data.lcrec_json import load_lcrec_index, load_lcrec_json
+from lcrec_jax.data.lcrec_json import load_lcrec_json
+from lcrec_jax.index.provided import load_lcrec_index
 from lcrec_jax.data.loaders import load_dataset
 from lcrec_jax.data.movielens import load_movielens_100k, ml100k_dir
 from lcrec_jax.data.recbole_atomic import load_recbole_atomic
@@ -321,7 +323,8 @@ def test_lcrec_index(tmp_path):
   bad = dict(LC_INDEX)
   del bad["2"]
   _lcrec(tmp_path, index=bad)
-  with pytest.raises(DataError, match=r"Toy\.index\.json: 1 dataset items have no code, e.g. '2'"):
+  with pytest.raises(DataError, match=r"Toy\.index\.json: 1 of the 4 items of dataset 'Toy' "
+                     r"have no code, e.g. item '2'"):
     load_lcrec_index(os.path.join(path, "Toy.index.json"), d)
   _lcrec(tmp_path, index={**LC_INDEX, "1": ["<a_0>", "<x_2>"]})
   with pytest.raises(DataError, match=r"Toy\.index\.json: item '1': token '<x_2>' at position 1"):
@@ -388,21 +391,21 @@ def test_lcrec_skips_and_empty_title(tmp_path):
 
 
 def test_load_dataset_dispatch(tmp_path, ml100k):
-  d = load_dataset({"format": "movielens", "path": "", "name": "ml-100k"})
+  d = load_dataset(spec.section_settings("data", {"format": "movielens", "path": "", "name": "ml-100k"}))
   assert d.summary() == ml100k.summary()
   os.makedirs(tmp_path / "rb")
   path = _atomic(tmp_path / "rb", ["1\ti1\t1\t1", "1\ti2\t1\t2", "1\ti3\t1\t3"], ITEMS)
-  d = load_dataset({"format": "recbole", "path": path, "name": "toy"})
+  d = load_dataset(spec.section_settings("data", {"format": "recbole", "path": path, "name": "toy"}))
   assert d.num_items == 4 and d.num_users == 1
   path = _lcrec(tmp_path / "lc")
-  d = load_dataset({"format": "lcrec", "path": path, "name": "Toy"})
+  d = load_dataset(spec.section_settings("data", {"format": "lcrec", "path": path, "name": "Toy"}))
   assert d.num_users == 3
   with pytest.raises(ValueError, match=r"data.format='csv'"):
-    load_dataset({"format": "csv", "path": path, "name": "Toy"})
+    load_dataset(spec.section_settings("data", {"format": "csv", "path": path, "name": "Toy"}))
   with pytest.raises(ValueError, match=r"data.path is empty"):
-    load_dataset({"format": "lcrec", "path": "", "name": "Toy"})
+    load_dataset(spec.section_settings("data", {"format": "lcrec", "path": "", "name": "Toy"}))
   with pytest.raises(ValueError, match=r"on_empty_title"):
-    load_dataset({"format": "lcrec", "path": path, "name": "Toy", "on_empty_title": "drop"})
+    load_dataset(spec.section_settings("data", {"format": "lcrec", "path": path, "name": "Toy", "on_empty_title": "drop"}))
 
 
 def test_load_dataset_from_config():

@@ -12,9 +12,10 @@ import os
 import pytest
 
 from configs.ml100k_quick import get_config
-from lcrec_jax import interrupt, spec
-from lcrec_jax import workdir as wl
-from lcrec_jax.train import checkpoint as ckpt_lib
+from lcrec_jax import interrupt
+from lcrec_jax.pipeline import spec
+from lcrec_jax.pipeline import workdir as wl
+from lcrec_jax.runtime import checkpoint as ckpt_lib
 from lcrec_jax.train import divergence
 from lcrec_jax.train import trainer as trainer_lib
 from tests.test_train_resume import (STEPS_PER_EPOCH, batches, make_config,
@@ -77,7 +78,7 @@ def model_and_params():
 def _train(wd, model, params, **kw):
   hook = kw.pop("step_hook", None)
   cfg = make_config(**{"num_steps": 4, "checkpoint_every": 2, "eval_every": 0, **kw})
-  return trainer_lib.train(cfg, wd, model, params, batches, STEPS_PER_EPOCH, step_hook=hook)
+  return trainer_lib.train(cfg, os.path.join(str(wd), "train"), model, params, batches, STEPS_PER_EPOCH, step_hook=hook)
 
 
 @pytest.mark.slow

@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lcrec_jax.pipeline import spec
 from lcrec_jax.errors import WorkdirError
 from lcrec_jax.eval import restore
 from lcrec_jax.llm import lora as lora_lib
 from lcrec_jax.llm.config import tiny
 from lcrec_jax.llm.model import Llama, init_params
-from lcrec_jax.train import checkpoint as ckpt_lib
+from lcrec_jax.runtime import checkpoint as ckpt_lib
 from lcrec_jax.train import mesh as mesh_lib
 from lcrec_jax.train import state as state_lib
 
@@ -85,7 +86,7 @@ def test_compute_dtype_and_missing_checkpoint(tmp_path):
 
 
 def _mesh_cfg():
-  c = mesh_lib.default_mesh_config()
+  c = spec.section("mesh")
   c.data, c.fsdp, c.tensor = 2, 2, 2
   return c
 

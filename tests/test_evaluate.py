@@ -1,5 +1,6 @@
 """Evaluation against brute force: score every item's code with full forwards, rank by hand."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import tokenizers
 
+from lcrec_jax.pipeline import spec
 from lcrec_jax.data.dataset import Dataset, Item
 from lcrec_jax.eval import evaluate as ev
 from lcrec_jax.eval import report
@@ -120,13 +122,13 @@ def _brute_force(dataset, index, tok, model, params, tasks, split, tid, users):
 @pytest.fixture(scope="module")
 def results(setup, tmp_path_factory):
   dataset, index, tok, model, params, tasks = setup
-  cfg_eval = ml_collections.ConfigDict({
+  cfg_eval = spec.section_settings("eval", {
       "num_beams": NUM_ITEMS, "batch_size": 4, "splits": ("valid", "test"),
       "template_ids": TEMPLATES, "modes": ("trie", "position"), "max_users": 0,
       "shard": False})  # the sharded path: test_sharded_decoder_equals_one_device
   res = ev.evaluate(model, params, tok, dataset, index, cfg_eval, tasks, progress=False)
   workdir = str(tmp_path_factory.mktemp("run"))
-  path = ev.write_results(res, workdir)
+  path = ev.write_results(res, os.path.join(workdir, "eval", "results.json"))
   return res, workdir, path
 
 
@@ -181,7 +183,7 @@ def test_valid_beam_shares(results):
 def test_results_json_written_and_loadable(results):
   res, workdir, path = results
   assert path == os.path.join(workdir, "eval", "results.json")
-  loaded = ev.load_results(workdir)
+  loaded = ev.load_results(path)
   assert loaded["test"]["mean"]["NDCG@10"] == pytest.approx(res["test"]["mean"]["NDCG@10"])
   assert loaded["settings"]["num_beams_used"] == NUM_ITEMS
   assert not [n for n in os.listdir(os.path.dirname(path)) if ".tmp" in n]
@@ -197,9 +199,9 @@ def test_exclude_seen_bans_history_inside_the_search(setup, results):
   unseen items; with 10 beams, 10 unseen items per user (dropping seen items after the
   search leaves fewer)."""
   dataset, index, tok, model, params, tasks = setup
-  cfg_eval = {"num_beams": NUM_ITEMS, "batch_size": 4, "splits": ("test",),
-              "template_ids": (0,), "modes": ("trie",), "shard": False,
-              "exclude_seen": True}
+  cfg_eval = spec.section_settings("eval", {
+      "num_beams": NUM_ITEMS, "batch_size": 4, "splits": ("test",), "template_ids": (0,),
+      "modes": ("trie",), "shard": False, "exclude_seen": True})
   res = ev.evaluate(model, params, tok, dataset, index, cfg_eval, tasks, progress=False)
   assert res["test"]["protocol"] == res["settings"]["protocol"] == "seen_excluded"
   assert "seen_excluded" not in res["test"]  # no post-hoc figure under this protocol
@@ -229,7 +231,7 @@ def test_exclude_seen_bans_history_inside_the_search(setup, results):
 
 def test_quick_metrics_on_a_user_sample(setup):
   dataset, index, tok, model, params, tasks = setup
-  cfg_eval = {"num_beams": NUM_ITEMS, "batch_size": 4}
+  cfg_eval = spec.section_settings("eval", num_beams=NUM_ITEMS, batch_size=4)
   got = ev.quick_metrics(model, params, tok, dataset, index, cfg_eval, tasks, max_users=3)
   users = ev.sample_users(NUM_USERS, 3)
   assert len(users) == 3 and len(set(users.tolist())) == 3
@@ -241,14 +243,15 @@ def test_quick_metrics_on_a_user_sample(setup):
 
 def test_config_errors(setup):
   with pytest.raises(ValueError, match="eval.num_beams"):
-    ev.EvalSettings.from_config({"num_beams": 5})
+    ev.EvalSettings.from_config(spec.section_settings("eval", {"num_beams": 5}))
   with pytest.raises(ValueError, match="eval.modes"):
-    ev.EvalSettings.from_config({"modes": ("greedy",)})
+    ev.EvalSettings.from_config(spec.section_settings("eval", {"modes": ("greedy",)}))
   with pytest.raises(ValueError, match="eval.exclude_seen"):
-    ev.EvalSettings.from_config({"exclude_seen": "yes"})
+    ev.EvalSettings.from_config(dataclasses.replace(spec.section_settings("eval"),
+                                                     exclude_seen="yes"))
   with pytest.raises(ValueError, match="eval.template_ids"):
-    ev.EvalSettings.from_config({"template_ids": (99,)})
-  assert ev.EvalSettings.from_config({"template_ids": None}).template_ids == tuple(range(10))
+    ev.EvalSettings.from_config(spec.section_settings("eval", {"template_ids": (99,)}))
+  assert ev.EvalSettings.from_config(spec.section_settings("eval", {"template_ids": None})).template_ids == tuple(range(10))
 
 
 def test_sharded_decoder_equals_one_device(setup):

@@ -91,7 +91,7 @@ def test_bf16_export_loads(tmp_path):
 
 def test_nonfinite_params_are_not_exported(tmp_path):
   """A diverged model (an inf LoRA adapter, NaN after merging) is refused; nothing is written."""
-  from lcrec_jax.train.finite import NonFiniteError
+  from lcrec_jax.runtime.finite import NonFiniteError
   cfg = tiny(vocab=40, scan_layers=False)
   params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
   adapters = lora_lib.init_lora(jax.random.PRNGKey(1), params, cfg, rank=2, alpha=4.0,

@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lcrec_jax.errors import UserError
-from lcrec_jax.train import finite
+from lcrec_jax.runtime import finite
 
 
 def test_counts_nan_in_a_sharded_leaf_and_names_it():

@@ -94,7 +94,7 @@ def test_join_keeps_the_scheme():
 
 
 def test_checkpointer_takes_epath_paths(tmp_path):
-  from lcrec_jax.train import checkpoint as ckpt_lib
+  from lcrec_jax.runtime import checkpoint as ckpt_lib
   directory = epath.Path(tmp_path) / "ckpts"
   state = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "step": np.int32(3)}
   with ckpt_lib.Checkpointer(directory, save_every=1, async_save=False) as ckpt:
@@ -214,7 +214,7 @@ def test_gs_append_log_rewrites_the_object(bucket):
 
 
 def test_gs_training_metrics_and_tensorboard(bucket):
-  from lcrec_jax.train import summaries
+  from lcrec_jax.runtime import summaries
   from tests import tb_events
   logdir = BUCKET + "/run/train"
   w = summaries.MetricsWriter(logdir)
@@ -256,7 +256,7 @@ def test_gs_index_stage_outputs(bucket):
   """The index stage's writers on gs://, and the stage's DONE path reading them back."""
   from configs import ml100k_quick
   from lcrec_jax.index import report as report_lib
-  from lcrec_jax.index import stage
+  from lcrec_jax.pipeline.stages import index as stage
   from lcrec_jax.index import trainer
 
   ds, index = _toy_index_inputs()
@@ -301,16 +301,16 @@ def test_gs_embedding_cache(bucket):
 def test_gs_eval_and_baseline_results(bucket, capsys):
   from configs import ml100k_quick
   from lcrec_jax.eval import evaluate as evaluate_lib
-  from lcrec_jax.eval import stage as eval_stage
+  from lcrec_jax.pipeline.stages import eval as eval_stage
 
   wd = BUCKET + "/run"
   metrics = {"HR@1": 0.1, "HR@5": 0.2, "HR@10": 0.3, "NDCG@5": 0.15, "NDCG@10": 0.2}
   results = {"test": {"num_users": 2, "mode": "trie", "mean": metrics,
                       "per_template": {"0": metrics}}, "seconds": 1.5}
-  path = evaluate_lib.write_results(results, wd)
+  path = evaluate_lib.write_results(results, wd + "/eval/results.json")
   assert path == wd + "/eval/results.json"
   assert os.path.isfile(_local(bucket, path))
-  assert evaluate_lib.load_results(wd) == results
+  assert evaluate_lib.load_results(path) == results
   baselines = {"popularity": {"unmasked": {"test": {"HR@10": 0.05, "NDCG@10": 0.02}}},
                "sasrec": {"unmasked": {"test": {"HR@10": 0.07, "NDCG@10": 0.03}}}}
   fs.write_json(wd + "/baselines/results.json", baselines)
@@ -343,7 +343,8 @@ def test_gs_export_then_recommend_from_the_bucket(bucket, tmp_path):
   from lcrec_jax import recommend as rec
   from lcrec_jax.data.loaders import load_dataset
   from lcrec_jax.index.item_index import ItemIndex
-  from lcrec_jax.llm import build, export, safetensors_io
+  from lcrec_jax.llm import export, safetensors_io
+  from lcrec_jax.pipeline import workdir as wl
   from lcrec_jax.llm import config as llm_config
   from lcrec_jax.llm.model import init_params
   from lcrec_jax.llm.tokenizer import LCRecTokenizer
@@ -366,7 +367,7 @@ def test_gs_export_then_recommend_from_the_bucket(bucket, tmp_path):
   cfg = llm_config.tiny(vocab=tok.vocab_size, hidden=32, intermediate=64,
                         tie_word_embeddings=True, scan_layers=True)
   params = init_params(cfg, jax.random.PRNGKey(0))
-  written = export.export_hf(build.model_dir(wd), params, cfg, tokenizer=tok)
+  written = export.export_hf(wl.Layout(wd).model_dir, params, cfg, tokenizer=tok)
   assert all(p.startswith(wd + "/model/") for p in written)
   assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(
       fs.listdir(wd + "/model"))
@@ -459,7 +460,7 @@ def test_gs_main_run_writes_config_and_copies_its_log(bucket, tmp_path):
 def test_tensorboard_tags_renamed_quietly(tmp_path, caplog):
   """`valid/HR@10` is written as TensorBoard's legal `valid/HR_10`, without tensorboardX's
   log line per illegal name; metrics.jsonl keeps the original name."""
-  from lcrec_jax.train import summaries
+  from lcrec_jax.runtime import summaries
   from tests import tb_events
   w = summaries.MetricsWriter(str(tmp_path))
   with caplog.at_level("INFO"):

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from lcrec_jax import workdir as workdir_lib
+from lcrec_jax.pipeline import workdir as workdir_lib
 from lcrec_jax.tasks import batching, example_records, grain_batches
 from lcrec_jax.tasks.builders import Example
 

@@ -29,14 +29,14 @@ from configs import ml100k_quick
 from lcrec_jax.data.errors import DataError
 from lcrec_jax.data.loaders import load_dataset
 from lcrec_jax.eval import evaluate as evaluate_lib
-from lcrec_jax.eval import stage as eval_stage
+from lcrec_jax.pipeline.stages import eval as eval_stage
 from lcrec_jax.index import provided
-from lcrec_jax.index import stage as index_stage
+from lcrec_jax.pipeline.stages import index as index_stage
 from lcrec_jax.index.item_index import code_token
 from lcrec_jax.llm import safetensors_io
 from lcrec_jax.llm.model import Llama
 from lcrec_jax.llm.tokenizer import LCRecTokenizer
-from lcrec_jax.train import stage as train_stage
+from lcrec_jax.pipeline.stages import train as train_stage
 
 LEVELS, K = 3, 16  # 4096 codes for 1682 items: every prefix has free last-level codes
 DUPLICATES = 6      # items given the code of another item in the file

@@ -11,7 +11,7 @@ import pytest
 from configs import ml100k_quick
 from lcrec_jax.data.dataset import Dataset, Item
 from lcrec_jax.index import report as report_lib
-from lcrec_jax.index import stage
+from lcrec_jax.pipeline.stages import index as stage
 from lcrec_jax.index import trainer
 from lcrec_jax.index.item_index import ItemIndex
 
@@ -62,7 +62,7 @@ def _leaves(variables):
 def test_resume_equals_uninterrupted(tmp_path):
   c = _config()
   x = _embeddings()
-  _, full_vars, full_hist = trainer.train_rqvae(c.rqvae, x, str(tmp_path / "a"), seed=7)
+  _, full_vars, full_hist = trainer.train_rqvae(c.rqvae, x, str(tmp_path / "a" / "index"), seed=7)
   assert [r["epoch"] for r in full_hist] == [1, 2, 3, 4, 5, 6]
   assert [r["collision_rate"] is not None for r in full_hist] == [False, True] * 3
   assert full_hist[-1]["lr"] == pytest.approx(1e-3 / 20, rel=1e-5)  # linear decay
@@ -70,11 +70,11 @@ def test_resume_equals_uninterrupted(tmp_path):
   # Same run, then "interrupted" after epoch 5: the epoch-6 checkpoint never got written
   # (metrics rows and best checkpoints past epoch 3 exist, as after a real crash).
   wd = tmp_path / "b"
-  trainer.train_rqvae(c.rqvae, x, str(wd), seed=7)
+  trainer.train_rqvae(c.rqvae, x, str(wd / "index"), seed=7)
   ckpts = wd / "index" / "checkpoints"
   assert sorted(os.listdir(ckpts / "latest")) == ["3", "6"]
   shutil.rmtree(ckpts / "latest" / "6")
-  _, res_vars, res_hist = trainer.train_rqvae(c.rqvae, x, str(wd), seed=7)
+  _, res_vars, res_hist = trainer.train_rqvae(c.rqvae, x, str(wd / "index"), seed=7)
 
   for a, b in zip(_leaves(full_vars), _leaves(res_vars), strict=True):
     np.testing.assert_array_equal(a, b)
@@ -86,10 +86,10 @@ def test_resume_equals_uninterrupted(tmp_path):
 
   # A different seed is a different run: refuse to resume it.
   with pytest.raises(ValueError, match="seed"):
-    trainer.train_rqvae(c.rqvae, x, str(wd), seed=8)
+    trainer.train_rqvae(c.rqvae, x, str(wd / "index"), seed=8)
   c.rqvae.codebook_size = 16  # other shapes: named in the error, not an orbax failure
   with pytest.raises(ValueError, match="rqvae.codebook_size"):
-    trainer.train_rqvae(c.rqvae, x, str(wd), seed=7)
+    trainer.train_rqvae(c.rqvae, x, str(wd / "index"), seed=7)
 
 
 def test_level_usage_matches_definitions():

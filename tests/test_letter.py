@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from lcrec_jax import spec
+from lcrec_jax.pipeline import spec
 from lcrec_jax.errors import ConfigError
 from lcrec_jax.index import rqvae, trainer
 from tests.test_index_stage import _config, _embeddings
@@ -87,7 +87,7 @@ def test_trainer_adds_letter_terms(tmp_path):
   x = _embeddings()
   cf = np.random.default_rng(2).normal(size=(x.shape[0], 8)).astype(np.float32)
   c = _letter_config(0.01, 1e-4)
-  _, variables, hist = trainer.train_rqvae(c.rqvae, x, str(tmp_path / "l"), seed=3,
+  _, variables, hist = trainer.train_rqvae(c.rqvae, x, str(tmp_path / "l" / "index"), seed=3,
                                            cf_embeddings=cf)
   assert all(np.isfinite(r["cf_loss"]) and np.isfinite(r["diversity_loss"]) for r in hist)
   # the objective is recon + quant + 0.01 cf + 1e-4 diversity (per-item means of an epoch)

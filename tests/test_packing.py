@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from lcrec_jax import spec
+from lcrec_jax.pipeline import spec
 from lcrec_jax.errors import ConfigError
 from lcrec_jax.llm.config import tiny
 from lcrec_jax.llm.model import Llama, init_params

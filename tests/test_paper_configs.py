@@ -16,11 +16,11 @@ import os
 import numpy as np
 import pytest
 
-from lcrec_jax.data.lcrec_json import load_lcrec_index
+from lcrec_jax.pipeline import spec
+from lcrec_jax.index.provided import load_lcrec_index
 from lcrec_jax.data.loaders import load_dataset
 from lcrec_jax.llm import config as llm_config
 from lcrec_jax.train import mesh as mesh_lib
-from lcrec_jax.train.trainer import default_train_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = {"Instruments": ("lcrec_instruments_llama7b.py", 20000),
@@ -65,7 +65,7 @@ def test_recipe_fields(dataset):
   assert (t.batch_size, t.epochs, t.lr, t.schedule) == (128, 4, 5e-5, "cosine")
   assert t.warmup_ratio == 0.01 and t.weight_decay == 0.01
   assert t.compute_dtype == "bfloat16" and t.num_steps == 0
-  assert set(default_train_config().keys()) <= set(t.keys())
+  assert set(spec.section("train").keys()) <= set(t.keys())
   # Mesh: a TPU v4-32 slice (16 chips) as FSDP; the batch splits evenly over it.
   assert c.mesh.tpu_slice == "v4-32"
   shape = mesh_lib.resolve_mesh_shape((c.mesh.data, c.mesh.fsdp, c.mesh.tensor), 16)

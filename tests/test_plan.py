@@ -18,7 +18,7 @@ import sys
 import pytest
 
 from configs.lcrec_instruments_llama7b import get_config
-from lcrec_jax import plan as plan_lib
+from lcrec_jax.pipeline import plan as plan_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ, BATCH = 64, 8

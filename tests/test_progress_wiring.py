@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 
+from lcrec_jax.pipeline import spec
 from lcrec_jax import progress
 from lcrec_jax.data import synthetic
 from lcrec_jax.data.loaders import load_dataset
@@ -39,7 +40,7 @@ def synth(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("synth"))
   synthetic.write(synthetic.SyntheticSpec(users=30, items=40, interactions=300,
                                           text_chars=120), out, "S")
-  ds = load_dataset({"format": "lcrec", "path": out, "name": "S"})
+  ds = load_dataset(spec.section_settings("data", {"format": "lcrec", "path": out, "name": "S"}))
   rng = np.random.default_rng(0)
   codes = np.stack([rng.permutation(64)[:ds.num_items] for _ in range(3)], 1)
   return ds, ItemIndex(tuple(it.item_id for it in ds.items), codes.astype(np.int32), (64,) * 3)

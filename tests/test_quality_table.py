@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lcrec_jax.errors import WorkdirError
-from lcrec_jax.eval import quality_table as qt
+from lcrec_jax.pipeline import quality_table as qt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10")

@@ -12,6 +12,7 @@ import pathlib
 
 import pytest
 
+from lcrec_jax.pipeline import spec
 from lcrec_jax.eval.evaluate import MODES, EvalSettings
 from lcrec_jax.llm.lora import TARGETS as LORA_TARGETS
 
@@ -47,7 +48,7 @@ def test_recipe_fields_agree(path):
     assert slots >= (c.tasks.max_history + 1) * (c.rqvae.num_levels + 1)
   # LoRA is one flag away (--config.model.lora.rank=16): its targets must be real names
   assert c.model.lora.targets and set(c.model.lora.targets) <= set(LORA_TARGETS)
-  st = EvalSettings.from_config(c.eval)
+  st = EvalSettings.from_config(spec.resolve(c).eval)
   assert set(st.modes) <= set(MODES) and st.num_beams >= 10
 
 
@@ -55,7 +56,7 @@ def test_train_stage_names_a_bad_lora_target_before_any_work(tmp_path):
   """A wrong adapter name fails at once, naming the field and the valid names."""
   from types import SimpleNamespace
 
-  from lcrec_jax.train.stage import run_train_stage
+  from lcrec_jax.pipeline.stages.train import run_train_stage
   c = _load(CONFIGS / "ml100k_quick.py")
   c.model.lora.rank = 4
   c.model.lora.targets = ("q", "v_proj")

@@ -188,7 +188,7 @@ def test_template_out_of_range_is_a_recommend_error(run, matcher):
 
 def test_nonfinite_model_is_refused(tmp_path):
   """A diverged model (NaN weights) is refused by name instead of recommending nothing."""
-  from lcrec_jax.train.finite import NonFiniteError
+  from lcrec_jax.runtime.finite import NonFiniteError
   workdir = str(tmp_path / "nan")
   _write_run(workdir)
   model_dir = os.path.join(workdir, "model")

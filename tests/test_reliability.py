@@ -18,9 +18,10 @@ import time
 import pytest
 
 from configs.ml100k_quick import get_config
-from lcrec_jax import cli, interrupt, spec
+from lcrec_jax import cli, interrupt
+from lcrec_jax.pipeline import spec
 from lcrec_jax import lock as lock_lib
-from lcrec_jax import workdir as wl
+from lcrec_jax.pipeline import workdir as wl
 from lcrec_jax.errors import ConfigError, Interrupted, WorkdirError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -197,7 +198,7 @@ def test_a_started_but_unfinished_manifest_next_to_an_old_done_is_not_finished(t
 
 
 def test_a_refused_run_leaves_config_json_as_it_was(tmp_path):
-  from lcrec_jax import main as main_lib
+  from lcrec_jax.pipeline import runner as main_lib
   wd, config = str(tmp_path), _config()
   _finished_run(wd, spec.flatten(config))
   _write(f"{wd}/config.json", config.to_json_best_effort(indent=2))
@@ -273,9 +274,17 @@ def test_config_file_errors_end_to_end(tmp_path):
 
 
 def _pipeline(wd, fn, monkeypatch, stage="train"):
-  from lcrec_jax import main as main_lib
-  monkeypatch.setitem(main_lib.STAGES, stage, fn)
-  return main_lib, main_lib.Pipeline(_config(), wd), [wl.Step(stage, False, False, "test")]
+  from lcrec_jax.pipeline import runner as main_lib
+  _patch_stage(monkeypatch, stage, fn)
+  return main_lib, main_lib.Context(_config(), wd), [wl.Step(stage, False, False, "test")]
+
+
+def _patch_stage(monkeypatch, stage, fn):
+  """Replaces the registered stage's implementation by ``fn(ctx, force)``."""
+  import dataclasses
+  from lcrec_jax.pipeline import stages
+  monkeypatch.setitem(stages.REGISTRY, stage,
+                      dataclasses.replace(stages.REGISTRY[stage], impl=fn))
 
 
 def test_enospc_anywhere_is_one_line_naming_the_workdir(tmp_path, monkeypatch):
@@ -323,7 +332,7 @@ def test_a_ctrl_c_that_something_swallowed_still_stops_the_run(tmp_path, monkeyp
 
   main_lib, pipe, steps = _pipeline(str(tmp_path), swallowing, monkeypatch, "eval")
   steps.append(wl.Step("baseline", False, False, "test"))
-  monkeypatch.setitem(main_lib.STAGES, "baseline", lambda p, r: ran.append(2))
+  _patch_stage(monkeypatch, "baseline", lambda p, r: ran.append(2))
   interrupt.install()
   try:
     with pytest.raises(Interrupted, match="interrupted during stage eval; the next run runs "
@@ -402,11 +411,12 @@ def test_leftovers_of_killed_runs_are_removed(tmp_path):
 
 def test_tfds_prepares_without_its_banner(tmp_path, capfd):
   import numpy as np
-  from lcrec_jax.data.dataset import Dataset, Item
-  from lcrec_jax.data.tfds_builder import write_tfds
-  items = tuple(Item(f"it{i}", f"title {i}") for i in range(5))
-  seqs = tuple(np.arange(4, dtype=np.int32) % 5 for _ in range(3))
-  write_tfds(Dataset("toy", items, ("a", "b", "c"), seqs), str(tmp_path))
+  from lcrec_jax.tasks import batching, example_records
+  ids = tuple(np.arange(3, dtype=np.int32) + i for i in range(4))
+  examples = batching.TokenizedExamples(
+      ids, ids, np.full(4, 6, np.int32), np.full(4, 8, np.int32), ("seqrec",) * 4, (8,), 0,
+      0, 0)
+  example_records.write_examples({"train": examples}, str(tmp_path))
   out = capfd.readouterr()
   assert "Downloading and preparing" not in out.out + out.err
   assert "downloaded and prepared" not in out.out + out.err

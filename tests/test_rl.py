@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tokenizers
 
-from lcrec_jax import spec
+from lcrec_jax.pipeline import spec
 from lcrec_jax.data.dataset import Dataset, Item
 from lcrec_jax.decode.beam_search import constrained_beam_search
 from lcrec_jax.eval import evaluate as ev

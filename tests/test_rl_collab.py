@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from configs.ml100k_quick import get_config
-from lcrec_jax import spec
-from lcrec_jax import workdir as wl
+from lcrec_jax.pipeline import spec
+from lcrec_jax.pipeline import workdir as wl
 from lcrec_jax.baselines import sasrec as sasrec_lib
 from lcrec_jax.errors import ConfigError
 from lcrec_jax.rl import collab, rollout as rollout_lib
@@ -78,8 +78,9 @@ class _FakeDecoder:
 
 
 def _step_batch(tiny_sasrec, prompts, items, codes, code_ids):
-  st = rl_trainer.RLSettings(prompts_per_step=2, num_generations=items.shape[1], beta=0.0,
-                             reward_ranking=0.0, reward_collab=1.0)
+  st = rl_trainer.RLSettings.from_config(spec.section_settings(
+      "rl", prompts_per_step=2, num_generations=int(items.shape[1]), beta=0.0,
+      reward_ranking=0.0, reward_collab=1.0))
   seen: dict = {}
 
   def update_fn(state, dev):

@@ -8,8 +8,8 @@ import os
 import pytest
 
 from configs.ml100k_quick import get_config
-from lcrec_jax import spec
-from lcrec_jax import workdir as wl
+from lcrec_jax.pipeline import spec
+from lcrec_jax.pipeline import workdir as wl
 from lcrec_jax.errors import ConfigError, WorkdirError
 
 
@@ -74,7 +74,7 @@ def test_rl_reads_its_section_and_not_monitoring_keys(tmp_path):
   reads = wl.reads("rl", flat)
   assert "rl.beta" in reads and "model.preset" in reads and "train.lr" not in reads
   assert "rl.checkpoint_every" not in reads and "rl.eval_every" not in reads
-  assert wl.rl_dir(str(tmp_path)) == f"{tmp_path}/rl"
+  assert wl.Layout(str(tmp_path)).rl_dir == f"{tmp_path}/rl"
 
 
 def test_rl_keys_are_validated_before_any_work():

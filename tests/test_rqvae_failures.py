@@ -11,7 +11,7 @@ import pytest
 
 from lcrec_jax.errors import ConfigError, UserError
 from lcrec_jax.index import trainer
-from lcrec_jax.train import finite
+from lcrec_jax.runtime import finite
 from tests.test_index_stage import N, _config, _embeddings, _leaves
 
 
@@ -22,7 +22,7 @@ def test_nonfinite_update_is_not_applied_or_saved(tmp_path):
   c.rqvae.update(lr=1e39, batch_size=N, epochs=1, warmup_epochs=0, schedule="constant")
   with pytest.raises(finite.NonFiniteError, match=r"rqvae: 1 of 1 steps of epoch 1 had a "
                                                   r"NaN/inf loss or update \(not applied\)") as e:
-    trainer.train_rqvae(c.rqvae, _embeddings(), str(tmp_path), seed=7)
+    trainer.train_rqvae(c.rqvae, _embeddings(), str(tmp_path / "index"), seed=7)
   assert isinstance(e.value, UserError) and "no checkpoint was written yet" in str(e.value)
   assert "rqvae.lr" in e.value.hint
   assert os.listdir(tmp_path / "index" / "checkpoints" / "latest") == []
@@ -48,13 +48,13 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, corrupt, caplog):
   named in a warning) and ends with the uninterrupted run's parameters."""
   c = _config()
   x = _embeddings()
-  _, full_vars, _ = trainer.train_rqvae(c.rqvae, x, str(tmp_path / "a"), seed=7)
+  _, full_vars, _ = trainer.train_rqvae(c.rqvae, x, str(tmp_path / "a" / "index"), seed=7)
   wd = tmp_path / "b"
-  trainer.train_rqvae(c.rqvae, x, str(wd), seed=7)
+  trainer.train_rqvae(c.rqvae, x, str(wd / "index"), seed=7)
   latest = wd / "index" / "checkpoints" / "latest"
   corrupt(latest / "6")
   caplog.set_level(logging.WARNING)
-  _, res_vars, res_hist = trainer.train_rqvae(c.rqvae, x, str(wd), seed=7)
+  _, res_vars, res_hist = trainer.train_rqvae(c.rqvae, x, str(wd / "index"), seed=7)
   assert [r["epoch"] for r in res_hist] == [1, 2, 3, 4, 5, 6]
   for a, b in zip(_leaves(full_vars), _leaves(res_vars), strict=True):
     np.testing.assert_array_equal(a, b)
@@ -64,7 +64,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, corrupt, caplog):
   # A config change is still refused (not mistaken for a broken checkpoint).
   c.rqvae.codebook_size = 16
   with pytest.raises(ConfigError, match="rqvae.codebook_size"):
-    trainer.train_rqvae(c.rqvae, x, str(wd), seed=7)
+    trainer.train_rqvae(c.rqvae, x, str(wd / "index"), seed=7)
   assert sorted(os.listdir(latest)) == ["3", "6", "6.corrupt-1"]
 
 
@@ -73,11 +73,11 @@ def test_broken_best_checkpoint_is_one_workdir_error(tmp_path):
   from lcrec_jax.errors import WorkdirError
   c = _config()
   c.rqvae.epochs = 2
-  model, variables, hist = trainer.train_rqvae(c.rqvae, _embeddings(), str(tmp_path), seed=7)
+  model, variables, hist = trainer.train_rqvae(c.rqvae, _embeddings(), str(tmp_path / "index"), seed=7)
   best = tmp_path / "index" / "checkpoints" / "best_loss"
   (step,) = os.listdir(best)
   _truncate_arrays(best / step)
   with pytest.raises(WorkdirError, match=rf"rqvae best_loss: no checkpoint under .*best_loss "
                                          rf"loads \(step {step}: ") as e:
-    trainer.load_checkpoint_variables(str(tmp_path), "best_loss", model, variables, c.rqvae)
+    trainer.load_checkpoint_variables(str(tmp_path / "index"), "best_loss", model, variables, c.rqvae)
   assert "\n" not in str(e.value) and os.listdir(best) == [step]

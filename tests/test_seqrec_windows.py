@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from lcrec_jax import spec
+from lcrec_jax.pipeline import spec
 from lcrec_jax.data.dataset import Dataset, Item
 from lcrec_jax.errors import ConfigError
 from lcrec_jax.tasks import batching, builders

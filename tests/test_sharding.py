@@ -10,11 +10,11 @@ reduction-order noise of ~1e-9 in g into ~3e-6 in the update; that is the slack.
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from lcrec_jax.pipeline import spec as spec_lib
 from lcrec_jax.llm.config import tiny
 from lcrec_jax.llm.model import Llama
 from lcrec_jax.train import mesh as mesh_lib
@@ -37,8 +37,8 @@ def setup():
   labels = np.where((np.arange(T)[None] >= T // 3) & (mask == 1), toks, -100).astype(np.int32)
   batch = dict(tokens=toks, labels=labels, attention_mask=mask,
                positions=np.tile(np.arange(T, dtype=np.int32), (B, 1)))
-  cfg = ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=0, schedule="constant",
-                                       weight_decay=0.01, max_grad_norm=1.0))
+  cfg = spec_lib.section_settings("train", lr=1e-3, warmup_steps=0, schedule="constant",
+                                  weight_decay=0.01, max_grad_norm=1.0)
   tx, schedule = state_lib.make_optimizer(cfg, 10)
   # Unsharded reference (one device, no mesh).
   trainable = jax.tree.map(jnp.copy, params)
@@ -55,7 +55,7 @@ def setup():
 
 
 def _mesh(shape):
-  cfg = mesh_lib.default_mesh_config()
+  cfg = spec_lib.section("mesh")
   cfg.data, cfg.fsdp, cfg.tensor = shape
   return mesh_lib.make_mesh(cfg)
 
@@ -133,7 +133,7 @@ def test_resolve_mesh_shape_and_errors():
     mesh_lib.resolve_mesh_shape((2, 2, 1), 8)
   mesh = _mesh((-1, 1, 2))
   assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
-  cfg = mesh_lib.default_mesh_config()
+  cfg = spec_lib.section("mesh")
   cfg.axis_rules = (("embed", "model"),)
   with pytest.raises(ValueError, match="unknown mesh axis"):
     mesh_lib.axis_rules(cfg)
@@ -152,7 +152,6 @@ def test_host_rows_and_batch_placement():
 def test_recipe_config_sections():
   """configs/ml100k_quick.py's c.mesh rules are the defaults; c.train has every field."""
   from configs.ml100k_quick import get_config
-  from lcrec_jax.train.trainer import default_train_config
   c = get_config()
   assert mesh_lib.axis_rules(c.mesh) == mesh_lib.DEFAULT_AXIS_RULES
-  assert set(c.train.keys()) == set(default_train_config().keys())
+  assert set(c.train.keys()) == set(spec_lib.section("train").keys())

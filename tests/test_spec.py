@@ -1,4 +1,4 @@
-"""The run spec (lcrec_jax/spec.py): defaults in one place, every bad value caught before work.
+"""The run spec (lcrec_jax/pipeline/spec.py): defaults in one place, every bad value caught before work.
 
 Each rule is checked on the quick recipe with one field broken, and the error must name
 that field. The command-line checks run `lcrec_jax.main` (in this process, tests/entry.py) and
@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from lcrec_jax import spec
+from lcrec_jax.pipeline import spec
 from lcrec_jax.errors import ConfigError
 from tests import entry
 
@@ -50,8 +50,7 @@ def test_recipe_values_survive_resolution():
 
 
 def test_default_train_config_is_the_spec_section():
-  from lcrec_jax.train.trainer import default_train_config
-  t = default_train_config()
+  t = spec.section("train")
   assert set(t.keys()) == {k.name.split(".", 1)[1] for k in spec.KEYS
                            if k.name.startswith("train.")}
   assert t.lr == spec.BY_NAME["train.lr"].default

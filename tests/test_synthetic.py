@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from lcrec_jax.pipeline import spec
 from lcrec_jax.data import synthetic
 from lcrec_jax.data.loaders import load_dataset
 from lcrec_jax.errors import ConfigError
@@ -20,7 +21,7 @@ SPEC = synthetic.SyntheticSpec(users=1500, items=600, interactions=12500, text_c
 def synth(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("synth"))
   synthetic.write(SPEC, out, "Synth")
-  return out, load_dataset({"format": "lcrec", "path": out, "name": "Synth"})
+  return out, load_dataset(spec.section_settings("data", {"format": "lcrec", "path": out, "name": "Synth"}))
 
 
 def test_sizes_and_lengths_as_asked(synth):
@@ -102,7 +103,7 @@ def test_cli_writes_loadable_files(tmp_path):
   r = entry.run("synthetic", f"--out={tmp_path}", "--name=Tiny", "--users=30", "--items=25",
                 "--interactions=200", "--text_chars=100", "--seed=1")
   assert r.returncode == 0, r.stderr
-  ds = load_dataset({"format": "lcrec", "path": str(tmp_path), "name": "Tiny"})
+  ds = load_dataset(spec.section_settings("data", {"format": "lcrec", "path": str(tmp_path), "name": "Tiny"}))
   assert (ds.num_users, ds.num_items, ds.num_interactions) == (30, 25, 200)
   assert json.load(open(tmp_path / "Tiny.inter.json"))["0"] == [
       int(ds.items[i].item_id) for i in ds.sequences[0]]

@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 
+from lcrec_jax.pipeline import spec
 from lcrec_jax.data.dataset import Dataset, Item
 from lcrec_jax.data.loaders import load_dataset
 from lcrec_jax.index.item_index import ItemIndex
@@ -56,7 +57,7 @@ def tiny() -> tuple[Dataset, ItemIndex]:
 @pytest.fixture(scope="module")
 def ml100k_subset() -> tuple[Dataset, ItemIndex]:
   """The first 150 users of real MovieLens-100K (all items) and a random index."""
-  full = load_dataset({"format": "movielens", "path": "", "name": "ml-100k"})
+  full = load_dataset(spec.section_settings("data", {"format": "movielens", "path": "", "name": "ml-100k"}))
   ds = Dataset(full.name, full.items, full.user_ids[:150], full.sequences[:150])
   return ds, random_index([it.item_id for it in ds.items], levels=4, size=8)
 

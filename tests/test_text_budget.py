@@ -4,6 +4,7 @@ so every example of every task fits the quick recipe's largest bucket."""
 import numpy as np
 import pytest
 
+from lcrec_jax.pipeline import spec
 from lcrec_jax.data import synthetic
 from lcrec_jax.data.loaders import load_dataset
 from lcrec_jax.errors import ConfigError
@@ -51,7 +52,7 @@ def long_text(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("long"))
   synthetic.write(synthetic.SyntheticSpec(users=40, items=60, interactions=400,
                                           text_chars=3000, seed=1), out, "Long")
-  ds = load_dataset({"format": "lcrec", "path": out, "name": "Long"})
+  ds = load_dataset(spec.section_settings("data", {"format": "lcrec", "path": out, "name": "Long"}))
   rng = np.random.default_rng(0)
   codes = np.stack([rng.permutation(256)[:ds.num_items] for _ in range(4)], 1)
   index = ItemIndex(tuple(it.item_id for it in ds.items), codes.astype(np.int32), (256,) * 4)

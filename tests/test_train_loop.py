@@ -1,4 +1,4 @@
-"""The training-loop skeleton (`lcrec_jax.train.loop`): where periodic actions fire,
+"""The training-loop skeleton (`lcrec_jax.runtime.loop`): where periodic actions fire,
 one-step-late metrics equal synchronous ones, preemption and early stopping, resume."""
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcrec_jax.train import loop as loop_lib
+from lcrec_jax.runtime import loop as loop_lib
 
 
 def batches(epoch, pos, spe=4):

@@ -15,8 +15,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from lcrec_jax.errors import WorkdirError
-from lcrec_jax.train import checkpoint as ckpt_lib
-from lcrec_jax.train import finite
+from lcrec_jax.runtime import checkpoint as ckpt_lib
+from lcrec_jax.runtime import finite
 from lcrec_jax.train import trainer as trainer_lib
 from tests.test_train_resume import (STEPS_PER_EPOCH, Crash, _assert_same_params, batches,
                                      make_config, tiny_model_and_params)
@@ -32,7 +32,7 @@ def model_and_params():
 def _train(wd, model, params, **kw):
   hook = kw.pop("step_hook", None)
   cfg = make_config(**{"num_steps": FULL_STEPS, "checkpoint_every": 2, "eval_every": 0, **kw})
-  return trainer_lib.train(cfg, wd, model, params, batches, STEPS_PER_EPOCH, step_hook=hook)
+  return trainer_lib.train(cfg, os.path.join(str(wd), "train"), model, params, batches, STEPS_PER_EPOCH, step_hook=hook)
 
 
 def _ckpt_dir(wd):

@@ -15,12 +15,12 @@ import ml_collections
 import numpy as np
 import pytest
 
+from lcrec_jax.pipeline import spec
 from lcrec_jax.llm.config import tiny
 from lcrec_jax.llm.model import Llama
-from lcrec_jax.train import checkpoint as ckpt_lib
-from lcrec_jax.train import summaries
+from lcrec_jax.runtime import checkpoint as ckpt_lib
+from lcrec_jax.runtime import summaries
 from lcrec_jax.train import trainer as trainer_lib
-from lcrec_jax.train.mesh import default_mesh_config
 from tests import tb_events
 
 VOCAB, B, T, STEPS_PER_EPOCH, NUM_STEPS = 256, 8, 16, 4, 6
@@ -42,11 +42,11 @@ def batches(epoch: int, start_step: int):
 
 def make_config(**train_kw) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.train = trainer_lib.default_train_config()
+  c.train = spec.section("train")
   c.train.update(dict(batch_size=B, num_steps=NUM_STEPS, lr=1e-2, warmup_steps=2,
                       checkpoint_every=2, keep_checkpoints=3, eval_every=4, seed=5))
   c.train.update(train_kw)
-  c.mesh = default_mesh_config()
+  c.mesh = spec.section("mesh")
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
   return c
 
@@ -64,7 +64,7 @@ def model_and_params():
 
 
 def run(workdir, model, params, config=None, **kw):
-  return trainer_lib.train(config or make_config(), workdir, model, params, batches,
+  return trainer_lib.train(config or make_config(), os.path.join(str(workdir), "train"), model, params, batches,
                            STEPS_PER_EPOCH, eval_batches=lambda: batches(99, 2), **kw)
 
 
@@ -185,7 +185,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(model_and_params, tmp_pat
   cfg = make_config(checkpoint_every=1, num_steps=6, eval_every=0, lr=1e30, warmup_steps=0,
                     schedule="constant", max_grad_norm=0.0)
   with pytest.raises(trainer_lib.NonFiniteLossError, match="last checkpoint \\(finite\\) is step") as e:
-    trainer_lib.train(cfg, tmp_path, model, params, batches, STEPS_PER_EPOCH)
+    trainer_lib.train(cfg, tmp_path / "train", model, params, batches, STEPS_PER_EPOCH)
   records = summaries.read_jsonl(os.path.join(tmp_path, "train", "metrics.jsonl"))
   last_good = records[-1]["step"]
   assert all(np.isfinite(r["train/loss"]) for r in records)

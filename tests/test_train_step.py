@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from lcrec_jax.pipeline import spec
 from lcrec_jax.llm.config import tiny
 from lcrec_jax.llm.model import Llama
 from lcrec_jax.train import state as state_lib
@@ -73,9 +74,11 @@ def label_loss(model, params, batch, r=0):
 
 
 def opt_cfg(**kw) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      lr=1e-3, warmup_steps=0, schedule="constant", weight_decay=0.01, max_grad_norm=1.0,
-      b1=0.9, b2=0.999, eps=1e-8, **kw))
+  """The train section at the spec's defaults with this file's optimizer (no warmup)."""
+  c = spec.section("train")
+  c.update(dict(lr=1e-3, warmup_steps=0, schedule="constant", weight_decay=0.01,
+                max_grad_norm=1.0, b1=0.9, b2=0.999, eps=1e-8, **kw))
+  return c
 
 
 def test_label_gather_equals_full_logits_float64(model_and_params):

@@ -1,4 +1,4 @@
-"""The workdir layout and the stage plan (lcrec_jax/workdir.py), on hand-made workdirs.
+"""The workdir layout and the stage plan (lcrec_jax/pipeline/workdir.py), on hand-made workdirs.
 
 Finished stages are simulated by their DONE files plus the manifests `main` writes, so
 each decision rule is checked in milliseconds; tests/test_provenance.py runs `main`.
@@ -12,8 +12,8 @@ import os
 import pytest
 
 from configs.ml100k_quick import get_config
-from lcrec_jax import spec
-from lcrec_jax import workdir as wl
+from lcrec_jax.pipeline import spec
+from lcrec_jax.pipeline import workdir as wl
 from lcrec_jax.errors import WorkdirError
 
 
@@ -44,13 +44,19 @@ STAGES = ("index", "train", "eval")
 
 def test_layout_is_one_place(tmp_path):
   wd = str(tmp_path)
-  from lcrec_jax.eval.evaluate import results_path
-  from lcrec_jax.index.stage import index_paths
-  from lcrec_jax.llm.build import model_dir
+  from lcrec_jax.pipeline.stages.index import index_paths
+  lay = wl.Layout(wd)
   assert index_paths(wd)["done"] == wl.done_path(wd, "index") == f"{wd}/index/DONE"
-  assert model_dir(wd) == wl.model_dir(wd) == f"{wd}/model"
-  assert results_path(wd) == wl.done_path(wd, "eval") == f"{wd}/eval/results.json"
+  assert lay.model_dir == f"{wd}/model" and lay.model_done == wl.done_path(wd, "train")
+  assert lay.results == wl.done_path(wd, "eval") == f"{wd}/eval/results.json"
+  assert lay.rl_done == wl.done_path(wd, "rl") and lay.baseline_done == wl.done_path(
+      wd, "baseline")
   assert wl.manifest_path(wd, "train") == f"{wd}/model/MANIFEST.json"
+  assert lay.state_dirs("train") == [f"{wd}/train", f"{wd}/model"]
+  from lcrec_jax.pipeline.stages import REGISTRY
+  os.makedirs(f"{wd}/index")
+  open(f"{wd}/index/index.json", "w").close()
+  assert REGISTRY["index"].outputs(lay) == {"index/index.json": f"{wd}/index/index.json"}
 
 
 def test_absolute(tmp_path, monkeypatch):

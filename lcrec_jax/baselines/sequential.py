@@ -41,7 +41,7 @@ from lcrec_jax.data.dataset import Dataset, SplitExample
 from lcrec_jax.data.errors import DataError
 from lcrec_jax.eval.metrics import topk_metrics
 from lcrec_jax.progress import Progress
-from lcrec_jax.train import loop as loop_lib
+from lcrec_jax.runtime import loop as loop_lib
 
 PROTOCOLS = ("unmasked", "masked")
 RANK_K = 20          # ranked items kept per user (metrics need 10)

@@ -1,4 +1,5 @@
-"""LC-Rec's json dataset format -> :class:`Dataset` (and its ``X.index.json`` -> ItemIndex).
+"""LC-Rec's json dataset format -> :class:`Dataset` (its ``X.index.json`` is read by
+:func:`lcrec_jax.index.provided.load_lcrec_index`).
 
 Files (LC-Rec's ``data_process/amazon18_data_process.py`` writes them), for stem ``X`` in
 ``<path>/`` or, as LC-Rec lays them out, ``<path>/X/``:
@@ -8,7 +9,7 @@ Files (LC-Rec's ``data_process/amazon18_data_process.py`` writes them), for stem
 - ``X.item.json``: ``{"<item>": {"title": ..., "description": ..., "brand": ...,
   "categories": ...}}``.
 - ``X.index.json`` (optional): ``{"<item>": ["<a_12>", "<b_3>", ...]}``; read with
-  :func:`load_lcrec_index`.
+  :func:`lcrec_jax.index.provided.load_lcrec_index`.
 - ``X.user.json`` (optional): LC-Rec's LLM-written user text,
   ``{"user_explicit_preference": {"<user>": [...]}, "user_vague_intention": {"train":
   {"<user>": {"item": .., "inters": [..], "querys": [..]}}, "test": {...}}}``.
@@ -52,7 +53,6 @@ import os
 import re
 from typing import Mapping, Sequence
 
-from absl import logging
 import numpy as np
 
 from lcrec_jax.data.assemble import SkipLog, assemble
@@ -61,7 +61,6 @@ from lcrec_jax.data.errors import DataError
 from lcrec_jax.data.recbole_atomic import EMPTY_TITLE_POLICIES
 from lcrec_jax.data.source_io import read_json_and_text
 from lcrec_jax.errors import ConfigError
-from lcrec_jax.index.item_index import ItemIndex
 
 SUFFIXES = {"inter": ".inter.json", "item": ".item.json", "index": ".index.json",
             "user": ".user.json"}
@@ -220,26 +219,3 @@ def load_lcrec_json(path: str, name: str, *, on_empty_title: str = "error",
   stats["user_text_users"] = len(user_text)
   return assemble(dataset_name or name, items, sequences, skips, stats, user_text=user_text,
                   source=paths["inter"])
-
-
-def load_lcrec_index(path: str, dataset: Dataset,
-                     level_sizes: Sequence[int] | None = None) -> ItemIndex:
-  """Read an LC-Rec ``X.index.json`` as an :class:`ItemIndex` in ``dataset``'s item order.
-
-  Every dataset item needs a code (else :class:`DataError`); codes of ids that are not in
-  the dataset are ignored and logged. ``level_sizes`` defaults to max code + 1 per level.
-  """
-  src = _JsonSource(path, "LC-Rec index file (.index.json)")
-  data = src.top_object()
-  ids = [it.item_id for it in dataset.items]
-  missing = [i for i in ids if i not in data]
-  if missing:
-    raise DataError(path, f"{len(missing)} dataset items have no code, e.g. {missing[0]!r}")
-  extra = len(set(data) - set(ids))
-  if extra:
-    logging.warning("%s: ignored codes of %d item ids not in dataset %s", path, extra,
-                    dataset.name)
-  try:
-    return ItemIndex.from_json_dict(data, ids, level_sizes, source=path)
-  except ValueError as e:
-    raise DataError(path, str(e).removeprefix(f"{path}: ")) from None

@@ -16,9 +16,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
-from lcrec_jax import spec
 from lcrec_jax.data.dataset import Dataset
 from lcrec_jax.errors import ConfigError
 from lcrec_jax.data.lcrec_json import lcrec_paths, load_lcrec_json
@@ -29,8 +29,12 @@ FORMATS = ("movielens", "recbole", "lcrec")
 
 
 def _get(cfg: Any, key: str) -> Any:
-  """``cfg.key`` (ConfigDict, dict or object); the run spec's default when absent."""
-  return spec.get(cfg, f"data.{key}")
+  """``cfg.key`` of the data settings (an object or a dict with every ``data.*`` field)."""
+  try:
+    return cfg[key] if isinstance(cfg, Mapping) else getattr(cfg, key)
+  except (KeyError, AttributeError):
+    raise ConfigError(f"config data.{key} is missing (the data settings need every data.* "
+                      "field: lcrec_jax.pipeline.spec.section_settings('data', ...))") from None
 
 
 def load_dataset(cfg: Any) -> Dataset:

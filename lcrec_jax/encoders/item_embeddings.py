@@ -15,19 +15,25 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any, Sequence
 
 import numpy as np
 
-from lcrec_jax import fs, spec
+from lcrec_jax import fs
 
 ENCODERS = ("minilm", "npy")
 CACHE_VERSION = 1  # bump when the embedding recipe changes
 
 
 def _get(cfg: Any, name: str) -> Any:
-  """``cfg.name`` for a ConfigDict, dataclass or dict; the run spec's default when absent."""
-  return spec.get(cfg, f"embed.{name}")
+  """``cfg.name`` of the embed settings (an object or a dict with every ``embed.*`` field)."""
+  try:
+    return cfg[name] if isinstance(cfg, Mapping) else getattr(cfg, name)
+  except (KeyError, AttributeError):
+    raise ValueError(f"config embed.{name} is missing (the embed settings need every "
+                     "embed.* field: lcrec_jax.pipeline.spec.section_settings('embed', "
+                     "...))") from None
 
 
 def cache_key(texts: Sequence[str], model_fingerprint: str, max_length: int,

@@ -63,34 +63,31 @@ from lcrec_jax.tasks.builders import num_templates, seqrec_eval_examples
 MODES = ("trie", "position")
 PROTOCOLS = {False: "all_items", True: "seen_excluded"}  # eval.exclude_seen -> name
 SPLITS = ("valid", "test")
-RESULTS_FILE = "eval/results.json"
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-  """``cfg.key`` for a ConfigDict / object, ``cfg[key]`` for a dict; ``default`` if absent."""
-  if cfg is None:
-    return default
-  if isinstance(cfg, Mapping):
-    return cfg.get(key, default)
+def _get(cfg: Any, key: str) -> Any:
+  """``cfg.key`` for settings / a ConfigDict, ``cfg[key]`` for a dict; the section must
+  hold the field (its default is the run spec's, :mod:`lcrec_jax.pipeline.spec`)."""
   try:
-    return getattr(cfg, key)
-  except (AttributeError, KeyError):
-    return default
+    return cfg[key] if isinstance(cfg, Mapping) else getattr(cfg, key)
+  except (KeyError, AttributeError, TypeError):
+    raise ValueError(f"evaluation settings: no field {key!r} (pass a complete eval / tasks "
+                     "section: lcrec_jax.pipeline.spec.section_settings)") from None
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
   """The evaluation settings, checked (from the config's ``eval`` section)."""
 
-  num_beams: int = 20
-  batch_size: int = 16
-  splits: tuple[str, ...] = SPLITS
-  template_ids: tuple[int, ...] = ()
-  modes: tuple[str, ...] = MODES
-  max_users: int = 0
-  seed: int = 0
-  shard: bool = True
-  exclude_seen: bool = False
+  num_beams: int
+  batch_size: int
+  splits: tuple[str, ...]
+  template_ids: tuple[int, ...]
+  modes: tuple[str, ...]
+  max_users: int
+  seed: int
+  shard: bool
+  exclude_seen: bool
 
   @classmethod
   def from_config(cls, cfg_eval: Any) -> "EvalSettings":
@@ -99,16 +96,16 @@ class EvalSettings:
     batch over all devices, :class:`Decoder`) and ``exclude_seen`` (the protocol, see the
     module docstring) from ``cfg_eval``."""
     n_tmpl = num_templates("seqrec")
-    tids = _get(cfg_eval, "template_ids", None)
+    tids = _get(cfg_eval, "template_ids")
     tids = tuple(range(n_tmpl)) if tids is None else tuple(int(t) for t in tids)
-    out = cls(num_beams=int(_get(cfg_eval, "num_beams", 20)),
-              batch_size=int(_get(cfg_eval, "batch_size", 16)),
-              splits=tuple(_get(cfg_eval, "splits", SPLITS)),
-              template_ids=tids, modes=tuple(_get(cfg_eval, "modes", MODES)),
-              max_users=int(_get(cfg_eval, "max_users", 0) or 0),
-              seed=int(_get(cfg_eval, "seed", 0) or 0),
-              shard=bool(_get(cfg_eval, "shard", True)),
-              exclude_seen=_get(cfg_eval, "exclude_seen", False))
+    out = cls(num_beams=int(_get(cfg_eval, "num_beams")),
+              batch_size=int(_get(cfg_eval, "batch_size")),
+              splits=tuple(_get(cfg_eval, "splits")),
+              template_ids=tids, modes=tuple(_get(cfg_eval, "modes")),
+              max_users=int(_get(cfg_eval, "max_users")),
+              seed=int(_get(cfg_eval, "seed")),
+              shard=bool(_get(cfg_eval, "shard")),
+              exclude_seen=_get(cfg_eval, "exclude_seen"))
     if not isinstance(out.exclude_seen, bool):
       raise ValueError(f"config eval.exclude_seen must be True or False, got "
                        f"{out.exclude_seen!r}")
@@ -135,7 +132,7 @@ class EvalSettings:
 
 def prompt_max_len(cfg_tasks: Any, num_levels: int) -> int:
   """Longest prompt training keeps: the largest bucket minus the code response and EOS."""
-  buckets = tuple(int(b) for b in _get(cfg_tasks, "buckets", ()))
+  buckets = tuple(int(b) for b in _get(cfg_tasks, "buckets"))
   if not buckets:
     raise ValueError("config tasks.buckets is empty: evaluation needs the bucket lengths")
   return max(buckets) - num_levels - 1
@@ -145,7 +142,7 @@ def eval_prompt_ids(tokenizer: Any, instruction: str, cfg_tasks: Any, num_levels
                     ) -> np.ndarray:
   """``[len]`` int32 prompt ids, identical to the prompt part of a training sequence."""
   return batching.encode_prompt(tokenizer, instruction, prompt_max_len(cfg_tasks, num_levels),
-                                add_bos=_get(cfg_tasks, "add_bos", None))
+                                add_bos=_get(cfg_tasks, "add_bos"))
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -365,7 +362,7 @@ def evaluate(model: Llama, params: Any, tokenizer: Any, dataset: Dataset, index:
   """
   st = EvalSettings.from_config(cfg_eval)
   t0 = time.perf_counter()
-  max_history = int(_get(cfg_tasks, "max_history", 20))
+  max_history = int(_get(cfg_tasks, "max_history"))
   if decoder is None:
     mesh = data_mesh() if st.shard and jax.device_count() > 1 else None
     decoder = Decoder(model, tokenizer, index, _get(cfg_tasks, "buckets"), mesh=mesh)
@@ -436,12 +433,13 @@ def quick_metrics(model: Llama, params: Any, tokenizer: Any, dataset: Dataset,
   (else 128); returns e.g. ``{"HR@10": ..., "NDCG@10": ..., "valid_beam_share": 1.0}``.
   """
   if max_users is None:
-    max_users = int(_get(cfg_eval, "quick_users", 128) or 128)
-  cfg = {"num_beams": _get(cfg_eval, "num_beams", 20),
-         "batch_size": _get(cfg_eval, "batch_size", 16), "splits": (split,),
+    max_users = int(_get(cfg_eval, "quick_users"))
+  # shard=True: a call without a decoder splits its users over every device
+  cfg = {"num_beams": _get(cfg_eval, "num_beams"),
+         "batch_size": _get(cfg_eval, "batch_size"), "splits": (split,),
          "template_ids": (template_id,), "modes": (mode,), "max_users": max_users,
-         "seed": _get(cfg_eval, "seed", 0),
-         "exclude_seen": _get(cfg_eval, "exclude_seen", False)}
+         "seed": _get(cfg_eval, "seed"), "shard": True,
+         "exclude_seen": _get(cfg_eval, "exclude_seen")}
   res = evaluate(model, params, tokenizer, dataset, index, cfg, cfg_tasks, lora=lora,
                  progress=progress, decoder=decoder)[split]
   return {**res["mean"], "valid_beam_share": res["valid_beam_share"][mode]}
@@ -461,7 +459,7 @@ def validation_hook(model: Llama, tokenizer: Any, dataset: Dataset, index: ItemI
   (sharded as in training, never gathered), or, for params on no such mesh, over a
   ``data`` mesh of all devices with the parameters replicated for the call.
   """
-  shard = bool(_get(cfg_eval, "shard", True)) and jax.device_count() > 1
+  shard = bool(_get(cfg_eval, "shard")) and jax.device_count() > 1
   decoder = None  # built at the first call, on the mesh the params live on
 
   def hook(step: int, state: Any) -> dict[str, float]:
@@ -488,25 +486,18 @@ def _training_mesh(params: Any) -> Mesh | None:
   return None
 
 
-def results_path(workdir: str) -> str:
-  """``<workdir>/eval/results.json`` (local or ``gs://``; layout: :mod:`lcrec_jax.workdir`)."""
-  from lcrec_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  return workdir_lib.results_path(workdir)
-
-
-def write_results(results: Mapping[str, Any], workdir: str) -> str:
-  """Writes ``<workdir>/eval/results.json`` atomically (temp file + rename); returns the path.
+def write_results(results: Mapping[str, Any], path: str) -> str:
+  """Writes ``results`` to ``path`` (the eval stage's ``<workdir>/eval/results.json``)
+  atomically (temp file + rename); returns the path.
 
   Local or ``gs://`` (:mod:`lcrec_jax.fs`); only process 0 writes.
   """
-  path = results_path(workdir)
   fs.write_json(path, results, indent=2, sort_keys=False)
   return path
 
 
-def load_results(workdir: str) -> dict[str, Any]:
+def load_results(path: str) -> dict[str, Any]:
   """Reads what :func:`write_results` wrote."""
-  path = results_path(workdir)
   try:
     return fs.read_json(path)
   except FileNotFoundError:

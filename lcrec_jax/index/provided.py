@@ -20,6 +20,7 @@ trained index (no RQ-VAE fields: ``reconstruction_mse`` is None, the plot has no
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -107,30 +108,30 @@ def provided_index(path: str, dataset: Dataset, level_size: int = 0
   index = ItemIndex(tuple(it.item_id for it in dataset.items), final, tuple(sizes))
   if not index.is_conflict_free():  # make_unique guarantees this; never ship otherwise
     raise AssertionError(f"uniqueness left {index.num_collisions()} colliding items")
-  usage = report_lib.level_usage(index.codes, index.level_sizes)
-  before = report_lib.level_usage(codes, sizes[:levels])
   rate_before = assign.collision_rate(codes)
-  report = {
-      "num_items": index.num_items,
-      "num_levels": index.num_levels,
-      "level_sizes": list(index.level_sizes),
-      "collision_rate_definition": "(num_items - distinct codes) / num_items (LC-Rec)",
-      "collision_rate_before": rate_before,
-      "collision_rate_after_repair": rate_before,  # no repair: there is no RQ-VAE
-      "collision_rate_after": assign.collision_rate(index.codes),
-      "colliding_items_before": int(sum(len(g) for g in assign.collision_groups(codes))),
-      **usage,
-      "utilization_argmax": before["utilization"],
-      "codes_used_argmax": before["codes_used"],
-      "perplexity_argmax": before["perplexity"],
-      "max_items_per_code": assign.max_items_per_code(codes),
-      "max_items_per_code_argmax": assign.max_items_per_code(codes),
-      "reconstruction_mse": None,
-      "repair": {"repair_rounds": 0, "repair_rounds_used": 0, "items_moved": int(moved),
-                 "extra_level_added": bool(extra), "extra_level_size": int(extra),
-                 "collision_rate_after": assign.collision_rate(index.codes)},
-      "source": "file",
-      "path": str(path),
-      "dataset": dataset.name,
-  }
+  report = report_lib.report_json(
+      index, codes_before=codes, sizes_before=sizes[:levels],
+      collision_rate_before=rate_before,
+      collision_rate_after_repair=rate_before,  # no repair: there is no RQ-VAE
+      collision_rate_after=assign.collision_rate(index.codes),
+      colliding_items_before=int(sum(len(g) for g in assign.collision_groups(codes))),
+      max_items_per_code=assign.max_items_per_code(codes),
+      max_items_per_code_argmax=assign.max_items_per_code(codes), reconstruction_mse=None,
+      repair={"repair_rounds": 0, "repair_rounds_used": 0, "items_moved": int(moved),
+              "extra_level_added": bool(extra), "extra_level_size": int(extra),
+              "collision_rate_after": assign.collision_rate(index.codes)},
+      extra={"source": "file", "path": str(path), "dataset": dataset.name})
   return index, report
+
+
+def load_lcrec_index(path: str, dataset: Dataset,
+                     level_sizes: Sequence[int] | None = None) -> ItemIndex:
+  """An LC-Rec ``X.index.json`` as an :class:`ItemIndex` in ``dataset``'s item order, as
+  it is (no uniqueness step): the one reader, :func:`read_codes`, and its one policy
+  (missing or extra items, malformed or ragged codes are a :class:`DataError`).
+  ``level_sizes`` defaults to max code + 1 per level."""
+  codes = read_codes(path, dataset).astype(np.int32)
+  if level_sizes is None:
+    level_sizes = tuple(int(m) + 1 for m in codes.max(0)) if len(codes) else ()
+  return ItemIndex(tuple(it.item_id for it in dataset.items), codes,
+                   tuple(int(k) for k in level_sizes))

@@ -43,33 +43,36 @@ def level_usage(codes: np.ndarray, level_sizes: Sequence[int]) -> dict[str, list
           "max_items_per_level_code": mx, "distinct_prefixes": prefixes}
 
 
-def build_report(index: ItemIndex, stats: assign.AssignStats, encoded: assign.EncodedItems,
-                 *, codebook_size: int, extra: Mapping[str, Any] | None = None
-                 ) -> dict[str, Any]:
-  """Everything ``report.json`` holds.
+def report_json(index: ItemIndex, *, codes_before: np.ndarray, sizes_before: Sequence[int],
+                collision_rate_before: float, collision_rate_after_repair: float,
+                collision_rate_after: float, colliding_items_before: int,
+                max_items_per_code: int, max_items_per_code_argmax: int,
+                reconstruction_mse: float | None, repair: Mapping[str, Any],
+                extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """The one ``report.json`` layout (trained, k-means and provided indices alike).
 
   Args:
-    index: the final, conflict-free index.
-    stats: what the assignment did.
-    encoded: the argmax pass (codes before repair, reconstruction errors).
-    codebook_size: ``K`` of the RQ-VAE levels.
-    extra: more fields to include (e.g. training summary).
-
-  Returns:
-    A json-serialisable dict.
+    index: the final, conflict-free index (``utilization``, ``codes_used``, ... of it).
+    codes_before: ``[N, L]`` codes before the uniqueness step (the ``*_argmax`` fields),
+      with ``sizes_before`` codes per level.
+    collision_rate_before, collision_rate_after_repair, collision_rate_after,
+      colliding_items_before, max_items_per_code, max_items_per_code_argmax: the
+      assignment's statistics.
+    reconstruction_mse: mean squared reconstruction error, None without an RQ-VAE.
+    repair: what the repair / uniqueness step did.
+    extra: more fields, appended (e.g. the training summary, the source file).
   """
   final = level_usage(index.codes, index.level_sizes)
-  rq_levels = encoded.codes.shape[1]
-  before = level_usage(encoded.codes, [codebook_size] * rq_levels)
+  before = level_usage(codes_before, sizes_before)
   report = {
       "num_items": index.num_items,
       "num_levels": index.num_levels,
       "level_sizes": list(index.level_sizes),
       "collision_rate_definition": "(num_items - distinct codes) / num_items (LC-Rec)",
-      "collision_rate_before": stats.collision_rate_before,
-      "collision_rate_after_repair": stats.collision_rate_after_repair,
-      "collision_rate_after": stats.collision_rate_after,
-      "colliding_items_before": stats.colliding_items_before,
+      "collision_rate_before": collision_rate_before,
+      "collision_rate_after_repair": collision_rate_after_repair,
+      "collision_rate_after": collision_rate_after,
+      "colliding_items_before": colliding_items_before,
       "utilization": final["utilization"],
       "codes_used": final["codes_used"],
       "perplexity": final["perplexity"],
@@ -78,14 +81,33 @@ def build_report(index: ItemIndex, stats: assign.AssignStats, encoded: assign.En
       "utilization_argmax": before["utilization"],
       "codes_used_argmax": before["codes_used"],
       "perplexity_argmax": before["perplexity"],
-      "max_items_per_code": stats.max_items_per_code_after_repair,
-      "max_items_per_code_argmax": stats.max_items_per_code_before,
-      "reconstruction_mse": float(np.mean(encoded.recon_sq_err)),
-      "repair": stats.to_dict(),
+      "max_items_per_code": max_items_per_code,
+      "max_items_per_code_argmax": max_items_per_code_argmax,
+      "reconstruction_mse": reconstruction_mse,
+      "repair": dict(repair),
   }
   if extra:
     report.update(dict(extra))
   return report
+
+
+def build_report(index: ItemIndex, stats: assign.AssignStats, encoded: assign.EncodedItems,
+                 *, codebook_size: int, extra: Mapping[str, Any] | None = None
+                 ) -> dict[str, Any]:
+  """``report.json`` of an assigned (RQ-VAE or k-means) index: :func:`report_json` of
+  the assignment's ``stats`` and its argmax pass ``encoded`` (codes before repair,
+  reconstruction errors) over levels of ``codebook_size`` codes."""
+  return report_json(
+      index, codes_before=encoded.codes,
+      sizes_before=[codebook_size] * encoded.codes.shape[1],
+      collision_rate_before=stats.collision_rate_before,
+      collision_rate_after_repair=stats.collision_rate_after_repair,
+      collision_rate_after=stats.collision_rate_after,
+      colliding_items_before=stats.colliding_items_before,
+      max_items_per_code=stats.max_items_per_code_after_repair,
+      max_items_per_code_argmax=stats.max_items_per_code_before,
+      reconstruction_mse=float(np.mean(encoded.recon_sq_err)), repair=stats.to_dict(),
+      extra=extra)
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

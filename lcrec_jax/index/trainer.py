@@ -1,6 +1,6 @@
 """RQ-VAE training loop: k-means init, AdamW with warmup, orbax checkpoints and resume.
 
-Layout under ``<workdir>/index/``::
+Layout under ``out_dir`` (the index stage's ``<workdir>/index/``)::
 
   metrics.jsonl                 one json object per epoch (see :func:`train_rqvae`)
   checkpoints/latest/<epoch>/   every ``checkpoint_every`` epochs and at the end
@@ -16,7 +16,7 @@ ends with exactly the parameters of an uninterrupted run.
 
 As in LC-Rec (``index/trainer.py``): AdamW, linear warmup then linear decay to 0
 (HF ``get_linear_schedule_with_warmup``) or constant, gradient norm clipped at 1.0
-(``rqvae.grad_clip``, optional field), every batch of an epoch used (the last one may be
+(:data:`GRAD_CLIP`, LC-Rec's value; not a config key), every batch of an epoch used (the last one may be
 smaller), Sinkhorn on during training, collision rate from argmax codes of all items.
 
 Failure safety (as in the LLM trainer): a step whose loss or updated state is NaN/inf
@@ -24,11 +24,12 @@ is not applied (the choice is made inside the jitted step); at the end of that e
 training stops with a :class:`NonFiniteError` naming the newest checkpoint, which is
 finite. On resume, a newest ``latest`` checkpoint that does not load (or holds NaN/inf)
 is moved aside to ``<epoch>.corrupt-<n>`` and the next older one is used
-(:func:`lcrec_jax.train.checkpoint.restore_newest`).
+(:func:`lcrec_jax.runtime.checkpoint.restore_newest`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -49,15 +50,16 @@ from lcrec_jax.errors import ConfigError
 from lcrec_jax.index import assign
 from lcrec_jax.index import rqvae
 from lcrec_jax.log_filters import quiet_orbax
-from lcrec_jax.train import checkpoint as ckpt_lib
-from lcrec_jax.train import finite
-from lcrec_jax.train import loop as loop_lib
+from lcrec_jax.runtime import checkpoint as ckpt_lib
+from lcrec_jax.runtime import finite
+from lcrec_jax.runtime import loop as loop_lib
 
 # Config fields that may change between a run and its resumption without changing the
 # result.
 _BOOKKEEPING_FIELDS = ("eval_every", "checkpoint_every", "keep_checkpoints")
 CHECKPOINT_KINDS = ("latest", "best_collision", "best_loss")
 # rqvae fields added after checkpoints existed, at the value that reproduces the old runs
+GRAD_CLIP = 1.0  # global-norm clip of the RQ-VAE gradients (LC-Rec's)
 _ADDED_FIELDS = {"cf_weight": 0.0, "cf_embeddings": "", "diversity_weight": 0.0,
                  "diversity_clusters": 10}
 
@@ -93,7 +95,7 @@ def _opt_spec(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> tuple:
   if cfg.schedule not in ("linear", "constant"):
     raise ValueError(f"rqvae.schedule must be 'linear' or 'constant', got {cfg.schedule!r}")
   return (float(cfg.lr), float(cfg.weight_decay), float(cfg.warmup_epochs), int(cfg.epochs),
-          str(cfg.schedule), float(cfg.get("grad_clip", 1.0)), int(steps_per_epoch))
+          str(cfg.schedule), GRAD_CLIP, int(steps_per_epoch))
 
 
 @functools.lru_cache(maxsize=16)
@@ -115,7 +117,7 @@ def _optimizer(spec: tuple) -> tuple[optax.GradientTransformation, optax.Schedul
 
 def letter_weights(cfg: ml_collections.ConfigDict) -> tuple[float, float]:
   """``(rqvae.cf_weight, rqvae.diversity_weight)``; (0, 0) = plain LC-Rec RQ-VAE."""
-  return float(cfg.get("cf_weight", 0.0) or 0.0), float(cfg.get("diversity_weight", 0.0) or 0.0)
+  return float(cfg.cf_weight), float(cfg.diversity_weight)
 
 
 def _letter_terms(model: rqvae.RQVAE, params: Any, out: rqvae.RQVAEOutput, batch: Mapping,
@@ -205,8 +207,10 @@ def evaluate_codes(model: rqvae.RQVAE, variables: Any, x: np.ndarray) -> dict[st
   return {"collision_rate": assign.collision_rate(codes), "utilization": util}
 
 
-def _config_dict(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
-  return json.loads(json.dumps(cfg.to_dict(), default=list))
+def _config_dict(cfg: Any) -> dict[str, Any]:
+  """The rqvae settings as JSON values (checkpoint meta; compared on resume)."""
+  d = cfg.to_dict() if hasattr(cfg, "to_dict") else dataclasses.asdict(cfg)
+  return json.loads(json.dumps(d, default=list))
 
 
 def _managers(ckpt_dir: str, keep: int) -> dict[str, ocp.CheckpointManager]:
@@ -278,7 +282,7 @@ def _check_resumable(meta: Mapping[str, Any], cfg: ml_collections.ConfigDict,
                       hint="use another --workdir or delete that directory to retrain")
 
 
-def train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir: str, *,
+def train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, out_dir: str, *,
                 seed: int, cf_embeddings: np.ndarray | None = None
                 ) -> tuple[rqvae.RQVAE, dict[str, Any], list[dict]]:
   """Trains (or resumes training of) the RQ-VAE on all item embeddings.
@@ -286,7 +290,7 @@ def train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir:
   Args:
     cfg: the ``c.rqvae`` config (see ``configs/ml100k_quick.py``).
     embeddings: ``[N, D]`` float32 item embeddings (the training set: every item).
-    workdir: run directory; everything goes under ``<workdir>/index/``.
+    out_dir: where ``metrics.jsonl`` and ``checkpoints/`` go (resumed when present).
     seed: seeds parameter init, k-means, shuffling and dropout.
     cf_embeddings: ``[N, e_dim]`` collaborative item embeddings (row i = item i), needed
       when ``rqvae.cf_weight > 0`` (LETTER's collaborative term). With
@@ -301,7 +305,7 @@ def train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir:
     at evaluation epochs ``collision_rate`` and ``utilization`` (per level; else null).
   """
   with quiet_orbax():
-    return _train_rqvae(cfg, embeddings, workdir, seed=seed, cf_embeddings=cf_embeddings)
+    return _train_rqvae(cfg, embeddings, out_dir, seed=seed, cf_embeddings=cf_embeddings)
 
 
 def _check_cf(cfg: ml_collections.ConfigDict, cf: np.ndarray | None, n: int) -> np.ndarray | None:
@@ -320,10 +324,17 @@ def _check_cf(cfg: ml_collections.ConfigDict, cf: np.ndarray | None, n: int) -> 
   return cf
 
 
-def _train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir: str, *,
+def _train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, out_dir: str, *,
                  seed: int, cf_embeddings: np.ndarray | None = None
                  ) -> tuple[rqvae.RQVAE, dict[str, Any], list[dict]]:
-  """:func:`train_rqvae` without the orbax log filter."""
+  """:func:`train_rqvae` without the orbax log filter.
+
+  Longer than the ~80-line rule on purpose: the epoch loop's closures (train epoch, the
+  collision evaluation, the three checkpoint series) share its state. It keeps its own
+  orbax managers rather than :class:`lcrec_jax.runtime.checkpoint.Checkpointer`: it saves
+  three series (``latest`` keep-N, ``best_collision``, ``best_loss``) per epoch, and
+  moving them would change the checkpoint layout existing workdirs resume from.
+  """
   x = np.asarray(embeddings, np.float32)
   if x.ndim != 2 or x.shape[0] < 1:
     raise ValueError(f"embeddings must be [num_items, dim], got shape {x.shape}")
@@ -338,7 +349,7 @@ def _train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir
   eval_every = max(1, int(cfg.eval_every))
   ckpt_every = max(1, int(cfg.checkpoint_every))
 
-  index_dir = fs.join(workdir, "index")
+  index_dir = out_dir
   fs.makedirs(index_dir)
   metrics_path = fs.join(index_dir, "metrics.jsonl")
   mngrs = _managers(fs.join(index_dir, "checkpoints"), cfg.keep_checkpoints)
@@ -406,7 +417,7 @@ def _train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir
     """``[L, K]`` each level's code clusters from the current codebooks (epoch e + 1)."""
     cbs = rqvae.get_codebooks({"params": loop.state["params"]}, model.num_levels)
     return jnp.stack([rqvae.cluster_codes(jax.random.fold_in(k_clusters, e * 64 + l), cb,
-                                          int(cfg.get("diversity_clusters", 10)))
+                                          int(cfg.diversity_clusters))
                       for l, cb in enumerate(cbs)])
 
   def batches(e: int, pos: int):
@@ -495,13 +506,13 @@ def _train_rqvae(cfg: ml_collections.ConfigDict, embeddings: np.ndarray, workdir
   return model, state_variables(loop.state), history
 
 
-def load_checkpoint_variables(workdir: str, kind: str, model: rqvae.RQVAE,
+def load_checkpoint_variables(out_dir: str, kind: str, model: rqvae.RQVAE,
                               like: Mapping[str, Any], cfg: ml_collections.ConfigDict
                               ) -> tuple[dict[str, Any], dict[str, Any]]:
   """Variables of a saved checkpoint: ``kind`` in ``latest``, ``best_collision``, ``best_loss``.
 
   Args:
-    workdir: the run directory given to :func:`train_rqvae`.
+    out_dir: the directory given to :func:`train_rqvae`.
     kind: which checkpoint directory.
     model: the trained model (its optimizer-state structure is rebuilt from ``cfg``).
     like: variables with the right structure (e.g. what :func:`train_rqvae` returned).
@@ -514,14 +525,14 @@ def load_checkpoint_variables(workdir: str, kind: str, model: rqvae.RQVAE,
     lcrec_jax.errors.WorkdirError: the checkpoint does not load or holds NaN/inf.
   """
   with quiet_orbax():
-    return _load_checkpoint_variables(workdir, kind, model, like, cfg)
+    return _load_checkpoint_variables(out_dir, kind, model, like, cfg)
 
 
-def _load_checkpoint_variables(workdir, kind, model, like, cfg):
+def _load_checkpoint_variables(out_dir, kind, model, like, cfg):
   """:func:`load_checkpoint_variables` without the orbax log filter."""
   if kind not in CHECKPOINT_KINDS:
     raise ValueError(f"checkpoint kind must be one of {CHECKPOINT_KINDS}, got {kind!r}")
-  path = fs.path(workdir) / "index" / "checkpoints" / kind
+  path = fs.path(out_dir) / "checkpoints" / kind
   mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
   step = mngr.latest_step()
   if step is None:

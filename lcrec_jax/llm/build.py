@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lcrec_jax import fs, spec
+from lcrec_jax import fs
 from lcrec_jax.index.item_index import ItemIndex
 from lcrec_jax.llm import config as config_lib
 from lcrec_jax.llm import bpe, convert, gguf_io, safetensors_io, vocab
@@ -54,7 +54,7 @@ def load_tokenizer(mc: ml_collections.ConfigDict,
   ``corpus`` (texts to train on) and ``tokenizer_dir`` (where the trained tokenizer lives)
   are needed for ``tokenizer = "trained"`` only.
   """
-  kind = spec.get(mc, "model.tokenizer")
+  kind = mc.tokenizer
   if kind == "trained":
     if mc.init != "random":
       raise ValueError("model.tokenizer='trained' needs model.init='random': pretrained "
@@ -64,7 +64,7 @@ def load_tokenizer(mc: ml_collections.ConfigDict,
         return LCRecTokenizer.from_dir(local)
     if corpus is None:
       raise ValueError("model.tokenizer='trained' needs the task texts to train on")
-    tok = bpe.train_bpe(corpus(), int(spec.get(mc, "model.tokenizer_vocab")))
+    tok = bpe.train_bpe(corpus(), int(mc.tokenizer_vocab))
     if tokenizer_dir and fs.is_primary():  # every process trains the same; one writes
       with tempfile.TemporaryDirectory(prefix="lcrec-bpe-") as local:
         tok.save(local)
@@ -74,16 +74,16 @@ def load_tokenizer(mc: ml_collections.ConfigDict,
     return tok
   if kind != "base":
     raise ValueError(f"model.tokenizer must be 'base' or 'trained', got {kind!r}")
-  if spec.get(mc, "model.hf_dir"):
+  if mc.hf_dir:
     return LCRecTokenizer.from_dir(mc.hf_dir)
-  return LCRecTokenizer.from_gguf(spec.get(mc, "model.gguf_path") or default_gguf_path())
+  return LCRecTokenizer.from_gguf(mc.gguf_path or default_gguf_path())
 
 
 def _numerics(mc) -> dict[str, object]:
   """Model fields the recipe sets whatever the weights: dtypes, layer scan, remat policy."""
-  return {"dtype": spec.get(mc, "model.dtype"), "param_dtype": spec.get(mc, "model.param_dtype"),
-          "scan_layers": bool(spec.get(mc, "model.scan_layers")),
-          "remat_policy": spec.get(mc, "model.remat_policy")}
+  return {"dtype": mc.dtype, "param_dtype": mc.param_dtype,
+          "scan_layers": bool(mc.scan_layers),
+          "remat_policy": mc.remat_policy}
 
 
 def build_model(mc: ml_collections.ConfigDict, index: ItemIndex, seed: int,
@@ -102,7 +102,7 @@ def build_model(mc: ml_collections.ConfigDict, index: ItemIndex, seed: int,
   tokenizer.add_code_tokens(index.all_tokens())
   vocab_size = tokenizer.vocab_size
   if mc.init == "random":
-    overrides = dict(spec.get(mc, "model.overrides") or {})
+    overrides = dict(mc.overrides or {})
     cfg = config_lib.preset(mc.preset, vocab_size=vocab_size,
                             bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                             pad_token_id=tokenizer.pad_id, **overrides, **_numerics(mc))
@@ -113,11 +113,11 @@ def build_model(mc: ml_collections.ConfigDict, index: ItemIndex, seed: int,
     else:
       params = init_params(cfg, jax.random.PRNGKey(seed))
   elif mc.init == "pretrained":
-    if spec.get(mc, "model.hf_dir"):
+    if mc.hf_dir:
       cfg = safetensors_io.load_hf_config(mc.hf_dir, **_numerics(mc))
       params = safetensors_io.load_hf_dir(mc.hf_dir, cfg)
     else:
-      state_dict, hf_cfg = gguf_io.load_gguf(spec.get(mc, "model.gguf_path") or default_gguf_path())
+      state_dict, hf_cfg = gguf_io.load_gguf(mc.gguf_path or default_gguf_path())
       cfg = config_lib.LlamaConfig.from_hf_dict(hf_cfg, **_numerics(mc))
       params = convert.params_from_hf(state_dict, cfg)
     if cfg.vocab_size != base_vocab:
@@ -128,9 +128,3 @@ def build_model(mc: ml_collections.ConfigDict, index: ItemIndex, seed: int,
   else:
     raise ValueError(f"model.init must be 'random' or 'pretrained', got {mc.init!r}")
   return Llama(cfg), params, tokenizer
-
-
-def model_dir(workdir: str) -> str:
-  """``<workdir>/model``, the exported HF directory (layout: :mod:`lcrec_jax.workdir`)."""
-  from lcrec_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  return workdir_lib.model_dir(workdir)

@@ -12,10 +12,10 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from lcrec_jax.llm.names import DTYPE_NAMES, REMAT_POLICIES
+
 # Dtype names a config may give (model dtypes, `train.compute_dtype`) -> jnp dtypes.
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
-          "float64": jnp.float64}
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = {**{name: getattr(jnp, name) for name in DTYPE_NAMES}, "float64": jnp.float64}
 ROPE_TYPES = ("default", "linear", "llama3")
 
 

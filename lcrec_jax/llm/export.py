@@ -14,7 +14,7 @@ import numpy as np
 from lcrec_jax.llm import safetensors_io
 from lcrec_jax.llm.config import LlamaConfig
 from lcrec_jax.llm.lora import LoraParams, merge
-from lcrec_jax.train.finite import check_finite
+from lcrec_jax.runtime.finite import check_finite
 
 
 def export_hf(out_dir: str, params: Mapping[str, Any], cfg: LlamaConfig, *,
@@ -38,7 +38,7 @@ def export_hf(out_dir: str, params: Mapping[str, Any], cfg: LlamaConfig, *,
 
   Raises:
     ValueError: embedding and head disagree on the vocabulary size.
-    lcrec_jax.train.finite.NonFiniteError: a param (LoRA merged) holds NaN/inf values;
+    lcrec_jax.runtime.finite.NonFiniteError: a param (LoRA merged) holds NaN/inf values;
       nothing is written.
   """
   if lora is not None:

@@ -33,9 +33,10 @@ import optax
 from flax import struct
 
 from lcrec_jax.llm.config import LlamaConfig
+from lcrec_jax.llm.names import LORA_TARGETS
 from lcrec_jax.llm.tree_paths import get_path, set_path
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGETS = LORA_TARGETS
 _IN_DIMS = {"o_proj": 2}  # contracted input dims of each kernel (others: 1)
 
 

@@ -42,7 +42,7 @@ import optax
 from jax.sharding import Mesh
 
 from lcrec_jax.llm.kv_cache import init_cache, split_beam_cache
-from lcrec_jax.train import finite
+from lcrec_jax.runtime import finite
 from lcrec_jax.train import mesh as mesh_lib
 from lcrec_jax.train.state import TrainState, merge_params
 from lcrec_jax.train.step import cast_floating, with_context

@@ -2,7 +2,7 @@
 
     result = train_rl(config, out_dir, model, sft_params, decoder, prompts)
 
-One loop step (:class:`lcrec_jax.train.loop.Loop`) is: take the step's prompts (a
+One loop step (:class:`lcrec_jax.runtime.loop.Loop`) is: take the step's prompts (a
 deterministic permutation per epoch, seeded by ``rl.seed`` and the epoch), roll them out
 with the evaluation's beam search under the current policy (:mod:`lcrec_jax.rl.rollout`),
 score the beams (:mod:`lcrec_jax.rl.rewards`), normalise advantages per group, compute the
@@ -44,12 +44,12 @@ from lcrec_jax import fs
 from lcrec_jax import progress as progress_lib
 from lcrec_jax.llm.config import DTYPES
 from lcrec_jax.rl import grpo, rewards as rewards_lib, rollout as rollout_lib
-from lcrec_jax.train import checkpoint as ckpt_lib
-from lcrec_jax.train import finite as finite_lib
-from lcrec_jax.train import loop as loop_lib
+from lcrec_jax.runtime import checkpoint as ckpt_lib
+from lcrec_jax.runtime import finite as finite_lib
+from lcrec_jax.runtime import loop as loop_lib
 from lcrec_jax.train import mesh as mesh_lib
 from lcrec_jax.train import state as state_lib
-from lcrec_jax.train import summaries
+from lcrec_jax.runtime import summaries
 from lcrec_jax.train.trainer import TrainResult
 
 PyTree = Any
@@ -58,36 +58,36 @@ ZERO_ADV = ("keep", "skip", "oversample")
 
 @dataclasses.dataclass(frozen=True)
 class RLSettings:
-  """The ``rl`` section, checked (declared with defaults and ranges in :mod:`lcrec_jax.spec`)."""
-  num_steps: int = 100
-  prompts_per_step: int = 16
-  num_generations: int = 16
-  num_iterations: int = 1
-  lr: float = 1e-5
-  schedule: str = "constant"
-  warmup_steps: int = 0
-  weight_decay: float = 0.0
-  max_grad_norm: float = 1.0
-  beta: float = 1e-3
-  clip_eps: float = 0.2
-  reward_ranking: float = 1.0
-  reward_partial: float = 0.0
-  zero_adv: str = "keep"
-  oversample: int = 2
-  exclude_seen: bool = False
-  prefixes_per_user: int = 0
-  seed: int = 0
-  rollout_batch_size: int = 0
-  checkpoint_every: int = 50
-  keep_checkpoints: int = 2
-  eval_every: int = 0
-  reward_collab: float = 0.0
-  collab_sasrec: str = ""
+  """The ``rl`` section, checked; every field required (defaults and ranges: the run spec,
+  :mod:`lcrec_jax.pipeline.spec`, ``rl.*``)."""
+  num_steps: int
+  prompts_per_step: int
+  num_generations: int
+  num_iterations: int
+  lr: float
+  schedule: str
+  warmup_steps: int
+  weight_decay: float
+  max_grad_norm: float
+  beta: float
+  clip_eps: float
+  reward_ranking: float
+  reward_partial: float
+  zero_adv: str
+  oversample: int
+  exclude_seen: bool
+  prefixes_per_user: int
+  seed: int
+  rollout_batch_size: int
+  checkpoint_every: int
+  keep_checkpoints: int
+  eval_every: int
+  reward_collab: float
+  collab_sasrec: str
 
   @classmethod
   def from_config(cls, cfg_rl: Any) -> "RLSettings":
-    from lcrec_jax import spec  # pylint: disable=g-import-not-at-top
-    out = cls(**{f.name: spec.get(cfg_rl, f"rl.{f.name}") for f in dataclasses.fields(cls)})
+    out = cls(**{f.name: getattr(cfg_rl, f.name) for f in dataclasses.fields(cls)})
     if out.zero_adv not in ZERO_ADV:
       raise ValueError(f"rl.zero_adv={out.zero_adv!r}: one of {ZERO_ADV}")
     return out
@@ -112,8 +112,7 @@ def _optimizer(st: RLSettings, tc: Any, num_updates: int):
   cfg = ml_collections.ConfigDict(dict(
       lr=st.lr, schedule=st.schedule, warmup_steps=st.warmup_steps, warmup_ratio=0.0,
       end_lr_ratio=0.0, weight_decay=st.weight_decay, max_grad_norm=st.max_grad_norm,
-      b1=float(tc.get("b1", 0.9)), b2=float(tc.get("b2", 0.999)),
-      eps=float(tc.get("eps", 1e-8))))
+      b1=float(tc.b1), b2=float(tc.b2), eps=float(tc.eps)))
   return state_lib.make_optimizer(cfg, num_updates)
 
 
@@ -235,8 +234,12 @@ def train_rl(config: ml_collections.ConfigDict, out_dir: str, model: nn.Module,
              stop_after: int | None = None) -> RLResult:
   """GRPO from the SFT params (see the module docstring); resumes from ``out_dir``.
 
+  Longer than the ~80-line rule on purpose, as ``lcrec_jax.train.trainer.train``: the
+  step loop's closures (rollout + update, evaluations, logging, checkpoint save, the
+  non-finite policy) share its state.
+
   Args:
-    config: whole config: ``rl`` (:class:`RLSettings`), ``train`` (``b1``, ``b2``,
+    config: the run's settings (``lcrec_jax.pipeline.spec.RunSettings``): ``rl`` (:class:`RLSettings`), ``train`` (``b1``, ``b2``,
       ``eps``, ``compute_dtype``, ``on_nonfinite``, ``max_nonfinite_skips``,
       ``tensorboard``, ``async_checkpoint``), ``mesh``.
     out_dir: the stage directory (checkpoints, metrics).
@@ -257,9 +260,9 @@ def train_rl(config: ml_collections.ConfigDict, out_dir: str, model: nn.Module,
   if st.reward_collab > 0 and "collab" not in (extra_rewards or {}):
     raise ValueError(f"rl.reward_collab={st.reward_collab}: no 'collab' reward given "
                      "(the rl stage builds it from rl.collab_sasrec)")
-  mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.get("mesh", None))
-  rules = mesh_lib.axis_rules(config.get("mesh", None))
-  compute_dtype = DTYPES[tc.get("compute_dtype", "float32")]
+  mesh = mesh if mesh is not None else mesh_lib.make_mesh(config.mesh)
+  rules = mesh_lib.axis_rules(config.mesh)
+  compute_dtype = DTYPES[tc.compute_dtype]
   tx, schedule = _optimizer(st, tc, st.num_steps * st.num_iterations)
   boxed = state_lib.abstract_boxed_params(model, np.zeros((1, 8), np.int32))
   shardings = state_lib.state_shardings(tx, boxed, None, mesh, rules)
@@ -268,7 +271,7 @@ def train_rl(config: ml_collections.ConfigDict, out_dir: str, model: nn.Module,
                 out_shardings=p_shard)(nn.unbox(sft_params))
   ckpt = ckpt_lib.Checkpointer(fs.path(out_dir) / "checkpoints", save_every=st.checkpoint_every,
                                keep=st.keep_checkpoints,
-                               async_save=bool(tc.get("async_checkpoint", True)))
+                               async_save=bool(tc.async_checkpoint))
   state, start, resumed_from = _restore_or_init(
       ckpt, state_lib.abstract_state(shardings, boxed, tx, None), ref, tx, shardings, st.seed)
   weights = {**st.reward_weights(), **dict(extra_weights or {})}
@@ -282,12 +285,12 @@ def train_rl(config: ml_collections.ConfigDict, out_dir: str, model: nn.Module,
       mesh, extra_rewards, weights)
   batches, steps_per_epoch = prompt_batches(len(prompts), st.rollout_prompts, st.seed)
   writer = summaries.MetricsWriter(out_dir, enabled=fs.is_primary(),
-                                   tensorboard=bool(tc.get("tensorboard", True)),
+                                   tensorboard=bool(tc.tensorboard),
                                    drop_after_step=resumed_from or 0)
   history: list[dict[str, float]] = []
   evals: list[dict[str, float]] = []
-  on_nonfinite = str(tc.get("on_nonfinite", "stop"))
-  max_skips = int(tc.get("max_nonfinite_skips", 10))
+  on_nonfinite = str(tc.on_nonfinite)
+  max_skips = int(tc.max_nonfinite_skips)
   skips = 0
 
   def on_step(info: loop_lib.StepInfo) -> None:
@@ -333,7 +336,7 @@ def train_rl(config: ml_collections.ConfigDict, out_dir: str, model: nn.Module,
 
   ckpt.install_sigterm_handler()
   progress = progress_lib.Progress(st.num_steps, "rl", "step", initial=start.step,
-                                   every_s=float(tc.get("progress_log_s", 60.0)),
+                                   every_s=float(tc.progress_log_s),
                                    enabled=fs.is_primary())
   loop = loop_lib.Loop(
       step_impl, batches, state, num_steps=st.num_steps, steps_per_epoch=steps_per_epoch,

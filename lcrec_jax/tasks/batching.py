@@ -63,8 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 from absl import logging
 import numpy as np
@@ -197,38 +196,6 @@ class TokenizedExamples:
 
   def __len__(self) -> int:
     return len(self.prompts)
-
-  def save(self, path: str) -> None:
-    """Write an ``.npz`` cache atomically (temp file + rename), so a resumed run skips
-    tokenization; :meth:`load` reads it back identically."""
-    def flat(arrays):
-      offsets = np.cumsum([0] + [len(a) for a in arrays]).astype(np.int64)
-      return (np.concatenate(arrays).astype(np.int32) if arrays else
-              np.zeros((0,), np.int32)), offsets
-    p_flat, p_off = flat(self.prompts)
-    r_flat, r_off = flat(self.responses)
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, prompt_flat=p_flat, prompt_offsets=p_off, response_flat=r_flat,
-             response_offsets=r_off, lengths=self.lengths, bucket=self.bucket,
-             tasks=np.asarray(self.tasks, dtype=str), buckets=np.asarray(self.buckets),
-             scalars=np.asarray([self.pad_id, self.num_truncated, self.num_skipped]))
-    os.replace(tmp, path)
-
-  @classmethod
-  def load(cls, path: str) -> "TokenizedExamples":
-    """Read a cache written by :meth:`save`."""
-    try:
-      z = np.load(path)
-    except FileNotFoundError:
-      raise FileNotFoundError(f"tokenized examples cache not found: {path}") from None
-    def split(flat, offsets):
-      return tuple(flat[offsets[k]:offsets[k + 1]] for k in range(len(offsets) - 1))
-    pad_id, n_trunc, n_skip = (int(x) for x in z["scalars"])
-    return cls(split(z["prompt_flat"], z["prompt_offsets"]),
-               split(z["response_flat"], z["response_offsets"]), z["lengths"], z["bucket"],
-               tuple(str(t) for t in z["tasks"]), tuple(int(b) for b in z["buckets"]),
-               pad_id, n_trunc, n_skip)
 
 
 def tokenize_examples(examples: Sequence[Example], tokenizer: TokenizerLike,
@@ -512,6 +479,28 @@ def process_rows(batch_size: int, process_index: int, process_count: int) -> sli
                      f"{process_count} processes (index {process_index})")
   per = batch_size // process_count
   return slice(process_index * per, (process_index + 1) * per)
+
+
+@runtime_checkable
+class BatchReader(Protocol):
+  """What the trainers read batches through: the in-memory :class:`Batcher` (the
+  reference) and :class:`lcrec_jax.tasks.grain_batches.GrainBatcher` (array_record with
+  grain, what the train stage uses) both implement it, batch for batch identically."""
+
+  @property
+  def steps_per_epoch(self) -> int:
+    """Optimizer steps of one epoch."""
+
+  @property
+  def shapes(self) -> set[tuple[int, int]]:
+    """The ``(rows, length)`` shapes a batch can have (each compiles once)."""
+
+  def plan(self, seed: int, epoch: int) -> list[PlannedBatch]:
+    """The epoch's batches: which examples, in which bucket, in order."""
+
+  def batches(self, seed: int, epoch: int, start_step: int = 0, process_index: int = 0,
+              process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """The epoch's batches from ``start_step`` on; this process's rows only."""
 
 
 class Batcher:

@@ -17,21 +17,21 @@ tokenizer.
 Layout: ``<data_dir>/lcrec_examples/<fingerprint>/1.0.0/``. The config name is a hash of
 the tokenized examples (ids, tasks, buckets, pad id), so a changed tokenizer, task set or
 bucket list is written next to, never mistaken for, an older dataset, and a resumed run
-finds its own. As in :mod:`lcrec_jax.data.tfds_builder`, ``code_path`` is overridden so
-tfds needs no ``importlib_resources``.
+finds its own. ``code_path`` is overridden so tfds needs no ``importlib_resources``
+(tfds 4.9.10 declares it only for Python < 3.9). The one TFDS builder of the project.
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+import os
 from typing import Any, Mapping
 
 from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-from lcrec_jax.data import tfds_builder
 from lcrec_jax.tasks.batching import TokenizedExamples
 
 BUILDER_NAME = "lcrec_examples"
@@ -120,10 +120,32 @@ def write_examples(splits: Mapping[str, TokenizedExamples], data_dir: str
   Returns the prepared builder; ``builder.data_dir`` is what :func:`open_examples` takes.
   """
   builder = LcrecExamples(splits, data_dir=data_dir)
-  tfds_builder.prepare_quietly(builder)
+  prepare_quietly(builder)
   return builder
+
+
+def prepare_quietly(builder: tfds.core.DatasetBuilder) -> None:
+  """``builder.download_and_prepare()`` without TFDS's stdout banner ("Downloading and
+  preparing dataset Unknown size ...", "Dataset ... downloaded and prepared") and, when
+  stderr is not a terminal (``nohup``, a pod worker, CI), without its tqdm bars: the
+  banner goes to the log at INFO instead."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from lcrec_jax import progress  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.core.utils import tqdm_utils  # pylint: disable=g-import-not-at-top
+  was = tqdm_utils._active  # pylint: disable=protected-access
+  tfds.display_progress_bar(was and progress.stderr_is_terminal())
+  builder._log_download_bytes = lambda: logging.info(  # pylint: disable=protected-access
+      "tfds: preparing %s in %s", builder.name, builder.data_dir)
+  builder._log_download_done = lambda: logging.info(  # pylint: disable=protected-access
+      "tfds: %s prepared", builder.name)
+  try:
+    builder.download_and_prepare()
+  finally:
+    tfds.display_progress_bar(was)
 
 
 def open_examples(directory: str) -> tfds.core.DatasetBuilder:
   """Open a prepared directory (``builder.data_dir``) without the examples."""
-  return tfds_builder.open_splits(directory)  # any prepared builder directory opens alike
+  if not os.path.isfile(os.path.join(directory, "dataset_info.json")):
+    raise FileNotFoundError(f"{directory}: no prepared TFDS dataset (dataset_info.json)")
+  return tfds.builder_from_directory(directory)

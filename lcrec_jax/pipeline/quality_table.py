@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from lcrec_jax.errors import WorkdirError
+from lcrec_jax.pipeline.workdir import Layout
 
 PROTOCOLS = ("all_items", "seen_excluded")
 HEADERS = {"all_items": "all items ranked", "seen_excluded": "seen items excluded"}
@@ -71,7 +72,7 @@ def _need(entry: Mapping[str, Any], key: str, where: str) -> Any:
 
 
 def _baseline_runs(workdir: str, split: str) -> tuple[list[Run], list[tuple[str, Any]]]:
-  path = os.path.join(workdir, "baselines", "results.json")
+  path = Layout(workdir).baseline_results
   runs, data = [], []
   if not os.path.exists(path):
     return runs, data
@@ -91,7 +92,7 @@ def _baseline_runs(workdir: str, split: str) -> tuple[list[Run], list[tuple[str,
 
 def _eval_run(workdir: str, split: str
               ) -> tuple[Run | None, tuple[str, Any] | None, dict[str, Any] | None]:
-  path = os.path.join(workdir, "eval", "results.json")
+  path = Layout(workdir).results
   if not os.path.exists(path):
     return None, None, None
   res = _read(path)
@@ -101,7 +102,7 @@ def _eval_run(workdir: str, split: str
   protocol = _need(part, "protocol", f"{path} {split}")
   if protocol not in PROTOCOLS:
     raise WorkdirError(f"{path}: unknown protocol {protocol!r} (known: {PROTOCOLS})")
-  cfg_path = os.path.join(workdir, "config.json")
+  cfg_path = Layout(workdir).config_json
   cfg = _read(cfg_path) if os.path.exists(cfg_path) else {}
   seed = res.get("seed")
   if seed is None:
