@@ -78,7 +78,7 @@ class Engine:
     self.run = run
     self.matcher = rec.ItemMatcher(run.dataset)
     self.decoder = ev.Decoder(run.model, run.tokenizer, run.index,
-                              run.config.get("tasks", {}).get("buckets"))
+                              run.config.tasks.buckets)
     self.params = jax.device_put(run.params)  # once, not per call
     self.num_beams = rec.beam_width(run, 1)
     self.max_k = self.num_beams
@@ -160,7 +160,7 @@ class Engine:
     """Prompt buckets a seqrec prompt can land in (1 to ``tasks.max_history`` items, any
     template)."""
     from lcrec_jax.tasks import prompts  # pylint: disable=g-import-not-at-top
-    max_history = int(self.run.config.get("tasks", {}).get("max_history", 20))
+    max_history = int(self.run.config.tasks.max_history)  # resolved: every key is set
     found = set()
     for t in range(len(prompts.templates("seqrec"))):
       for n in (1, max_history):
