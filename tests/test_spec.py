@@ -177,3 +177,15 @@ def test_file_formats_need_a_directory_and_a_stem(tmp_path):
   c.data.path, c.data.name = str(tmp_path), ""
   with pytest.raises(ConfigError, match="data.name"):
     spec.validate(c, stages=("index",))
+
+
+def test_baseline_config_defaults_are_the_specs():
+  """SASRecConfig / GRU4RecConfig keep defaults for direct library use (RecBole's settings);
+  they must be the spec's, so a library caller trains what a run trains."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.baselines import gru4rec, sasrec  # pylint: disable=g-import-not-at-top
+  for name, cls in (("sasrec", sasrec.SASRecConfig), ("gru4rec", gru4rec.GRU4RecConfig)):
+    section = spec.section("baseline")[name]
+    for f in dataclasses.fields(cls):
+      assert f.default == section[f.name], (name, f.name, f.default, section[f.name])
+    assert {f.name for f in dataclasses.fields(cls)} == set(section.keys())
