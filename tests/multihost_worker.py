@@ -209,7 +209,8 @@ def main() -> None:
     return
   model, params = model_and_params()
   config = make_config()
-  res = trainer_lib.train(config, ARGS.workdir, model, params, batches, STEPS_PER_EPOCH)
+  res = trainer_lib.train(config, os.path.join(ARGS.workdir, "train"), model, params, batches,
+                          STEPS_PER_EPOCH)  # the train stage's layout: <workdir>/train/
   out = {
       "loss": np.asarray([h["loss"] for h in res.history]),
       "grad_norm": np.asarray([h["grad_norm"] for h in res.history]),
