@@ -72,6 +72,16 @@ def as_settings(config: Any) -> Any:
   return spec.settings(spec.resolve(config))
 
 
+def finished(stage: str, marker: str, force: bool) -> bool:
+  """Whether ``stage``'s completion ``marker`` exists and ``force`` does not ask for a re-run
+  (logged as a skip): the check every stage runs before any work."""
+  from lcrec_jax import fs  # pylint: disable=g-import-not-at-top
+  if force or not fs.exists(marker):
+    return False
+  logging.info("%s stage: %s exists, skipping (--force=%s to run again)", stage, marker, stage)
+  return True
+
+
 class Context:
   """One run: the resolved config, the workdir layout, and the artefacts stages share
   (dataset, item embeddings, item index), each computed once, when first needed."""

@@ -29,6 +29,7 @@ from lcrec_jax.data.dataset import Dataset
 from lcrec_jax.eval import evaluate as evaluate_lib
 from lcrec_jax.eval import report
 from lcrec_jax.errors import WorkdirError
+from lcrec_jax.pipeline import stage as stage_lib
 from lcrec_jax.pipeline.stage import as_settings
 from lcrec_jax.pipeline.stages.baseline import summary_lines
 from lcrec_jax.eval import restore as restore_lib
@@ -100,8 +101,7 @@ def run_eval_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Dat
   config = as_settings(config)
   layout = workdir_lib.Layout(workdir)
   path = layout.results
-  if fs.exists(path) and not force:
-    logging.info("eval stage: %s exists, skipping (--force=eval to run again)", path)
+  if stage_lib.finished("eval", path, force):
     results = evaluate_lib.load_results(path)
   else:
     if not fs.exists(layout.model_done):

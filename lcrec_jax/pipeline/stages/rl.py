@@ -27,6 +27,7 @@ from lcrec_jax import fs
 from lcrec_jax.pipeline import workdir as workdir_lib
 from lcrec_jax.data.dataset import Dataset
 from lcrec_jax.errors import WorkdirError
+from lcrec_jax.pipeline import stage as stage_lib
 from lcrec_jax.pipeline.stage import as_settings
 from lcrec_jax.eval import evaluate as evaluate_lib
 from lcrec_jax.index.item_index import ItemIndex
@@ -42,8 +43,7 @@ def run_rl_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Datas
   config = as_settings(config)
   layout = workdir_lib.Layout(workdir)
   out_dir, done = layout.rl_dir, layout.rl_done
-  if fs.exists(done) and not force:
-    logging.info("rl stage: %s exists, skipping (--force=rl to run again)", done)
+  if stage_lib.finished("rl", done, force):
     return out_dir
   if not fs.exists(layout.model_done):
     raise WorkdirError(f"{layout.model_done} not found: the train stage has not "

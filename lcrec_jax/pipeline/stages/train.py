@@ -31,6 +31,7 @@ from lcrec_jax.eval import evaluate as evaluate_lib
 from lcrec_jax.index.item_index import ItemIndex
 from lcrec_jax.llm import build, export
 from lcrec_jax.llm import lora as lora_lib
+from lcrec_jax.pipeline import stage as stage_lib
 from lcrec_jax.pipeline.stage import as_settings
 from lcrec_jax.tasks import batching, builders, example_records, grain_batches, text_budget
 from lcrec_jax.train import trainer
@@ -105,8 +106,7 @@ def run_train_stage(config: ml_collections.ConfigDict, workdir: str, dataset: Da
   config = as_settings(config)
   layout = workdir_lib.Layout(workdir)
   out_dir, done = layout.model_dir, layout.model_done
-  if fs.exists(done) and not force:
-    logging.info("train stage: %s exists, skipping (--force=train to run again)", done)
+  if stage_lib.finished("train", done, force):
     return out_dir
   mc = config.model
   history_tasks = tuple(config.tasks.history_loss_tasks or ())
