@@ -8,10 +8,11 @@ evaluation's constrained beam search over training prefixes (lcrec_jax/rl):
       --stages=index,train,rl,eval
 
 The eval stage then evaluates the RL policy (results.json settings.policy = "rl").
-Measured over 3 seeds (BENCHMARKS.md, "RL stage"): the mean test NDCG@10 moves +0.9% (all
-items ranked) and +2.2% (seen items excluded) over the SFT models, within one sd, in ~4-5
-minutes of RL a run; the same stage with lr 1e-4 over all training prefixes lowered it by
-12% (one run).
+Measured over 3 seeds on the former quick recipe's SFT models (1,200 steps; BENCHMARKS.md,
+"RL stage"): the mean test NDCG@10 moves +0.9% (all items ranked) and +2.2% (seen items
+excluded), within one sd, in ~4-5 minutes of RL a run; after the current 4,500-step SFT
+(seed 42 only) it moved -9% / -0.3%, in ~2 minutes; the same stage with lr 1e-4 over all
+training prefixes lowered it by 12% (one run).
 """
 
 from lcrec_jax.pipeline import spec

@@ -42,7 +42,7 @@ def test_every_recipe_passes_the_spec(path):
 def test_recipe_values_survive_resolution():
   raw = _quick()
   c = spec.resolve(raw)
-  assert c.train.lr == raw.train.lr == 2e-3 and c.train.num_steps == 1200
+  assert c.train.lr == raw.train.lr == 2e-3 and c.train.num_steps == 4500
   assert tuple(c.eval.template_ids) == (0, 1)
   # a key the recipe leaves out gets the one declared default
   del raw.eval["seed"]
