@@ -3,7 +3,9 @@
   python benchmarks/eval_protocols.py --workdir=runs/ml100k
   python benchmarks/eval_protocols.py --workdir=runs/ml100k --num_beams=1682  # exhaustive
 
-Loads the run's exported model (``<workdir>/model``), config, dataset and index, and runs
+Loads the run as ``recommend`` does (the eval stage's params from the checkpoint, on the
+recipe's mesh; ``--params=export``: the HF export ``<workdir>/model``), config, dataset and
+index, and runs
 the eval stage's evaluation (the run's ``eval`` settings: templates, modes, users) twice:
 ``eval.exclude_seen=False`` (every item ranked: LC-Rec's paper, and RecBole's full-sort
 evaluation of sequential models) and ``True`` (each user's seen items banned inside the
@@ -29,9 +31,10 @@ from lcrec_jax import fs  # noqa: E402
 from lcrec_jax.pipeline.stages import baseline as baseline_stage  # noqa: E402
 from lcrec_jax.eval import evaluate as ev  # noqa: E402
 from lcrec_jax.eval import report  # noqa: E402
-from lcrec_jax.recommend import load_finished_run  # noqa: E402
+from lcrec_jax.recommend import define_params_flag, load_finished_run  # noqa: E402
 
-# --workdir is lcrec_jax.recommend's flag (a finished run directory), defined on import.
+flags.DEFINE_string("workdir", None, "A finished run directory (lcrec_jax.main).")
+define_params_flag(flags.FLAGS)  # --params, as recommend's
 _BEAMS = flags.DEFINE_integer("num_beams", 0, "Beams per user; 0 = the run's eval.num_beams.")
 _USERS = flags.DEFINE_integer("max_users", -1, "Users evaluated; -1 = the run's eval.max_users.")
 _OUT = flags.DEFINE_string("out", "", "Output json; default <workdir>/eval/protocols.json.")
@@ -42,7 +45,9 @@ def main(argv):
   workdir = flags.FLAGS.workdir
   if not workdir:
     raise app.UsageError("--workdir is required")
-  run = load_finished_run(workdir)
+  run = load_finished_run(workdir, flags.FLAGS.params)
+  decoder = ev.Decoder(run.model, run.tokenizer, run.index, run.config.tasks.buckets,
+                       mesh=run.mesh) if run.mesh is not None else None
   cfg_eval = run.config.eval.to_dict() if hasattr(run.config.eval, "to_dict") else dict(
       run.config.eval)
   if _BEAMS.value:
@@ -53,7 +58,8 @@ def main(argv):
   for exclude in (False, True):
     t0 = time.perf_counter()
     res = ev.evaluate(run.model, run.params, run.tokenizer, run.dataset, run.index,
-                      {**cfg_eval, "exclude_seen": exclude}, run.config.tasks)
+                      {**cfg_eval, "exclude_seen": exclude}, run.config.tasks,
+                      decoder=decoder)
     out[ev.PROTOCOLS[exclude]] = res
     print(report.format_results(res), flush=True)
     print(f"({ev.PROTOCOLS[exclude]}: {time.perf_counter() - t0:.0f} s)", flush=True)

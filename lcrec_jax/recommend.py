@@ -16,8 +16,16 @@ A finished run directory holds (written by ``lcrec_jax.main``):
 
 * ``config.json``: the run config (``ConfigDict.to_json()``);
 * ``index/``: the index stage outputs (``index.json``, ``report.json``, ``DONE``);
-* ``model/``: an HF-style directory (``config.json``, ``model.safetensors``,
-  ``tokenizer.json`` with the item-code tokens) and ``model/DONE``.
+* ``model/DONE``: the train stage finished;
+* ``train/checkpoints/<step>/`` (or, when the rl stage finished, ``rl/checkpoints/``): the
+  params, restored as the eval stage restores them
+  (:func:`lcrec_jax.pipeline.stages.eval.load_trained`: the same policy, the recipe's
+  ``config.mesh`` over every device, sharded by ``config.mesh.axis_rules``, in
+  ``train.compute_dtype``), so an answer is the eval stage's decode of that history;
+* ``model/``: the HF-style export (``config.json``, ``model.safetensors``, ``tokenizer.json``
+  with the item-code tokens), read only with ``--params=export`` (one device): for a
+  workdir whose checkpoints were deleted to save space (they hold the optimizer state,
+  2x the params). On an rl run the export is the SFT model, not the rl policy.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from lcrec_jax.data.dataset import Dataset, Item
 from lcrec_jax.index.item_index import ItemIndex
 
 MAX_LISTED = 10
+PARAMS_SOURCES = ("checkpoint", "export")  # --params
 FUZZY_CUTOFF = 0.75
 SUGGEST_CUTOFF = 0.45
 
@@ -54,6 +63,21 @@ class FinishedRun(NamedTuple):
   dataset: Dataset
   index: ItemIndex
   config: ml_collections.ConfigDict
+  mesh: Any = None      # the ('data', 'fsdp', 'tensor') mesh the params live on; None: export
+  source: str = "export"  # "train" / "rl" (the checkpoint eval evaluates) or "export"
+  params_path: str = ""   # the checkpoint directory or the export directory
+  step: int | None = None  # the checkpoint's step
+
+
+def describe_params(run: FinishedRun) -> str:
+  """One line: where ``run``'s params come from (the server's start-up log)."""
+  if run.source == "export":
+    return (f"the HF export {run.params_path} on one device (--params=export; the eval "
+            "stage evaluates the checkpoint instead)")
+  what = "rl policy" if run.source == "rl" else "train checkpoint"
+  return (f"{what} step {run.step} from {run.params_path}, on mesh "
+          f"{dict(run.mesh.shape)} ({run.config.train.compute_dtype}), as the eval stage "
+          "restores it")
 
 
 def run_paths(workdir: str) -> dict[str, str]:
@@ -90,14 +114,20 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
   return config
 
 
-def load_finished_run(workdir: str) -> FinishedRun:
-  """Loads the run config, dataset, item index, exported model and tokenizer of ``workdir``.
+def load_finished_run(workdir: str, params: str = "checkpoint") -> FinishedRun:
+  """Loads the run config, dataset, item index, model, params and tokenizer of ``workdir``.
+
+  ``params``: ``"checkpoint"`` (the eval stage's params, restored onto the recipe's mesh:
+  :func:`restore_checkpoint`) or ``"export"`` (the HF export ``model/``, one device).
 
   Raises:
-    RecommendError: ``workdir`` is not a run directory, or its index or model is not
-      finished (names the missing file and the command that makes it).
-    lcrec_jax.runtime.finite.NonFiniteError: the exported model holds NaN/inf values.
+    RecommendError: ``workdir`` is not a run directory, its index or model is not
+      finished, or it has no checkpoint (names the missing file and the command that
+      makes it).
+    lcrec_jax.runtime.finite.NonFiniteError: the params hold NaN/inf values.
   """
+  if params not in PARAMS_SOURCES:
+    raise RecommendError(f"--params={params}: must be one of {', '.join(PARAMS_SOURCES)}")
   paths = run_paths(workdir)
   if not fs.isdir(workdir):
     raise RecommendError(f"--workdir={workdir}: no such directory")
@@ -113,21 +143,75 @@ def load_finished_run(workdir: str) -> FinishedRun:
   # Heavy imports only once the run is known to be usable.
   from lcrec_jax.data.loaders import load_dataset  # pylint: disable=g-import-not-at-top
   from lcrec_jax.pipeline.stages.index import load_index  # pylint: disable=g-import-not-at-top
-  from lcrec_jax.llm import safetensors_io  # pylint: disable=g-import-not-at-top
-  from lcrec_jax.llm.model import Llama  # pylint: disable=g-import-not-at-top
-  from lcrec_jax.llm.tokenizer import LCRecTokenizer  # pylint: disable=g-import-not-at-top
-  from lcrec_jax.runtime.finite import check_finite  # pylint: disable=g-import-not-at-top
 
   dataset = load_dataset(config.data)
   index = load_index(workdir, dataset)
-  with fs.local_copy(paths["model"]) as local:  # gs://: downloaded to a temp dir
+  if params == "export":
+    return _load_export(workdir, paths["model"], config, dataset, index)
+  return restore_checkpoint(workdir, config, dataset, index)
+
+
+def restore_checkpoint(workdir: str, config: ml_collections.ConfigDict, dataset: Dataset,
+                       index: ItemIndex) -> FinishedRun:
+  """The run with the eval stage's params: :func:`~lcrec_jax.pipeline.stages.eval.load_trained`
+  (the rl policy when the rl stage finished, else the newest train checkpoint; on
+  ``config.mesh`` over every device).
+
+  Raises:
+    RecommendError: no finished checkpoint (names it, the command that makes it and
+      ``--params=export``), or ``config.mesh`` does not fit the devices here.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.eval import restore as restore_lib  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.pipeline.stages import eval as eval_stage  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.pipeline.workdir import Layout  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+
+  lay = Layout(workdir)
+  source = eval_stage.policy_source(workdir)
+  ckpt_dir = lay.rl_checkpoints if source == "rl" else lay.train_checkpoints
+  step = restore_lib.latest_checkpoint_step(ckpt_dir)
+  if step is None:
+    stages = "index,train,rl,eval" if source == "rl" else "index,train,eval"
+    raise RecommendError(
+        f"{ckpt_dir}: no finished checkpoint (the params the eval stage evaluates); make it "
+        f"with python -m lcrec_jax.main --config=<recipe> --workdir={workdir} "
+        f"--stages={stages} --force={source}, or pass --params=export to use the HF export "
+        f"{lay.model_dir}")
+  m = config.mesh
+  try:
+    mesh_lib.resolve_mesh_shape((m.data, m.fsdp, m.tensor), jax.device_count())
+  except ValueError as e:
+    raise RecommendError(f"{lay.config_json}: {e} (the recipe's mesh; pass --params=export "
+                         "to decode the HF export on one device)") from None
+  model, params, tokenizer = eval_stage.load_trained(config, workdir, index, source=source)
+  return FinishedRun(model, params, tokenizer, dataset, index, config,
+                     mesh=eval_stage.params_mesh(params), source=source,
+                     params_path=ckpt_dir, step=step)
+
+
+def _load_export(workdir: str, model_dir: str, config: ml_collections.ConfigDict,
+                 dataset: Dataset, index: ItemIndex) -> FinishedRun:
+  """The run with the params of the HF export ``model_dir`` (host arrays, one device)."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.llm import safetensors_io  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.llm.model import Llama  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.llm.tokenizer import LCRecTokenizer  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.pipeline import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.runtime.finite import check_finite  # pylint: disable=g-import-not-at-top
+
+  with fs.local_copy(model_dir) as local:  # gs://: downloaded to a temp dir
     params, model_cfg = safetensors_io.load_hf_dir(local)
     tokenizer = LCRecTokenizer.from_dir(local)
-  check_finite(params, f"{paths['model']}: params")
+  check_finite(params, f"{model_dir}: params")
   if tokenizer.vocab_size > model_cfg.vocab_size:
-    raise RecommendError(f"{paths['model']}: tokenizer has {tokenizer.vocab_size} tokens but "
+    raise RecommendError(f"{model_dir}: tokenizer has {tokenizer.vocab_size} tokens but "
                          f"the model only {model_cfg.vocab_size} embedding rows")
-  return FinishedRun(Llama(model_cfg), params, tokenizer, dataset, index, config)
+  if workdir_lib.rl_finished(workdir):
+    logging.warning("%s is the SFT model: the eval stage evaluates the rl stage's policy "
+                    "(%s)", model_dir, workdir_lib.Layout(workdir).rl_checkpoints)
+  return FinishedRun(Llama(model_cfg), params, tokenizer, dataset, index, config,
+                     params_path=model_dir)
 
 
 # --- item names ---------------------------------------------------------------------------
@@ -266,7 +350,8 @@ def recommend(run: FinishedRun, history: Sequence[int], k: int = 10, *,
   template_id = check_template(run, template_id)
   prompt = history_prompt(run, history, template_id)
   if decoder is None:
-    decoder = ev.Decoder(run.model, run.tokenizer, run.index, run.config.tasks.buckets)
+    decoder = ev.Decoder(run.model, run.tokenizer, run.index, run.config.tasks.buckets,
+                         mesh=run.mesh)
   # History items are banned inside the beam search (trie mode), so every beam is a
   # candidate; the position mask drops them after the search, hence the extra beams.
   skip = [] if include_history else sorted(set(int(i) for i in history))
@@ -344,12 +429,15 @@ def format_text(history: Sequence[int], recs: Sequence[dict[str, Any]],
 
 def run_command(workdir: str, history: str, k: int = 10, as_json: bool = False, *,
                 template_id: int | None = None, mode: str = "trie",
-                include_history: bool = False) -> str:
-  """What the CLI prints (text or json); raises :class:`RecommendError` on bad input."""
+                include_history: bool = False, params: str = "checkpoint") -> str:
+  """What the CLI prints (text or json); raises :class:`RecommendError` on bad input.
+
+  ``params``: see :func:`load_finished_run`.
+  """
   if not any(e.strip() for e in (history or "").split(";")):
     raise RecommendError("the history is empty: give item ids or titles separated by ';', "
                          "e.g. --history=\"Toy Story; Heat; 50\"")
-  run = load_finished_run(workdir)
+  run = load_finished_run(workdir, params)
   matcher = ItemMatcher(run.dataset)
   hist = matcher.parse_history(history)
   recs = recommend(run, hist, k, template_id=template_id, mode=mode,
@@ -357,13 +445,14 @@ def run_command(workdir: str, history: str, k: int = 10, as_json: bool = False, 
   if as_json:
     return json.dumps({
         "workdir": workdir, "k": k, "mode": mode,
+        "params": {"source": run.source, "path": run.params_path, "step": run.step},
         "history": [{"item_id": run.dataset.items[i].item_id, "title": matcher.titles[i]}
                     for i in hist],
         "recommendations": recs}, indent=2, ensure_ascii=False)
   return format_text(hist, recs, matcher)
 
 
-_WORKDIR = _HISTORY = _K = _JSON = _TEMPLATE = _MODE = _INCLUDE = None  # set by define_flags
+_WORKDIR = _HISTORY = _K = _JSON = _TEMPLATE = _MODE = _INCLUDE = _PARAMS = None  # define_flags
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS,
@@ -371,7 +460,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS,
   """Defines the command's flags on ``fv``; importing the module defines none
   (see :func:`lcrec_jax.main.define_flags`)."""
   del argv  # no config flag
-  global _WORKDIR, _HISTORY, _K, _JSON, _TEMPLATE, _MODE, _INCLUDE  # pylint: disable=global-statement
+  global _WORKDIR, _HISTORY, _K, _JSON, _TEMPLATE, _MODE, _INCLUDE, _PARAMS  # pylint: disable=global-statement
   _WORKDIR = flags.DEFINE_string("workdir", None, "A finished run directory (lcrec_jax.main).",
                                  flag_values=fv)
   _HISTORY = flags.DEFINE_string("history", None,
@@ -388,7 +477,18 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS,
   _INCLUDE = flags.DEFINE_bool("include_history", False,
                                "Allow items of the history among the recommendations.",
                                flag_values=fv)
+  _PARAMS = define_params_flag(fv)
   return fv
+
+
+def define_params_flag(fv: flags.FlagValues):
+  """``--params`` (also the server's)."""
+  return flags.DEFINE_enum(
+      "params", "checkpoint", list(PARAMS_SOURCES),
+      "checkpoint: the params the eval stage evaluates (the rl policy when the rl stage "
+      "finished, else the newest train checkpoint), on the recipe's mesh; export: the HF "
+      "export <workdir>/model/ on one device (a workdir whose checkpoints were deleted).",
+      flag_values=fv)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -398,7 +498,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError("--workdir is required")
   print(run_command(_WORKDIR.value, _HISTORY.value or "", _K.value, _JSON.value,
                     template_id=_TEMPLATE.value, mode=_MODE.value,
-                    include_history=_INCLUDE.value))
+                    include_history=_INCLUDE.value, params=_PARAMS.value))
 
 
 if __name__ == "__main__":

@@ -373,7 +373,7 @@ def test_gs_export_then_recommend_from_the_bucket(bucket, tmp_path):
       fs.listdir(wd + "/model"))
   fs.write_text(wd + "/model/DONE", "step 0\n")
 
-  run = rec.load_finished_run(wd)
+  run = rec.load_finished_run(wd, "export")
   # The same export to a local directory loads to the same params.
   export.export_hf(str(tmp_path / "model"), params, cfg)
   local_params, _ = safetensors_io.load_hf_dir(str(tmp_path / "model"))

@@ -61,7 +61,7 @@ def _write_run(workdir, with_model=True):
 def run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))
   _write_run(workdir)
-  return workdir, rec.load_finished_run(workdir)
+  return workdir, rec.load_finished_run(workdir, "export")
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,8 @@ def test_ambiguous_unknown_and_empty_errors(matcher):
 
 def test_recommend_json(run, matcher):
   workdir, loaded = run
-  out = json.loads(rec.run_command(workdir, "Toy Story; Heat; 50", k=7, as_json=True))
+  out = json.loads(rec.run_command(workdir, "Toy Story; Heat; 50", k=7, as_json=True,
+                                   params="export"))
   recs = out["recommendations"]
   assert len(recs) == 7 and [r["rank"] for r in recs] == list(range(1, 8))
   ids = {it.item_id: i for i, it in enumerate(loaded.dataset.items)}
@@ -120,7 +121,7 @@ def test_recommend_json(run, matcher):
   assert scores == sorted(scores, reverse=True) and all(s < 0 for s in scores)
   assert [h["title"] for h in out["history"]] == ["Toy Story (1995)", "Heat (1995)",
                                                   "Star Wars (1977)"]
-  text = rec.run_command(workdir, "Toy Story; Heat; 50", k=3)
+  text = rec.run_command(workdir, "Toy Story; Heat; 50", k=3, params="export")
   assert "Toy Story (1995)" in text and recs[0]["title"] in text
 
 
@@ -164,7 +165,7 @@ def test_cli_json_and_error_exit(run, tmp_path):
   env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)
   out = subprocess.run([sys.executable, "-m", "lcrec_jax.recommend", f"--workdir={workdir}",
-                        "--history=Toy Story; heat; 50", "--k=4", "--json"],
+                        "--history=Toy Story; heat; 50", "--k=4", "--json", "--params=export"],
                        capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   recs = json.loads(out.stdout)["recommendations"]
@@ -198,12 +199,13 @@ def test_nonfinite_model_is_refused(tmp_path):
   safetensors_io.save_hf_dir(params, cfg, model_dir)
   with pytest.raises(NonFiniteError, match=r"model: params: norm/scale holds 32 NaN/inf "
                                            r"values \(of 32\)"):
-    rec.load_finished_run(workdir)
+    rec.load_finished_run(workdir, "export")
 
 
 def test_cli_bad_template_is_one_line_exit_2(run):
   workdir, _ = run
-  out = entry.run("recommend", f"--workdir={workdir}", "--history=Toy Story", "--template=99")
+  out = entry.run("recommend", f"--workdir={workdir}", "--history=Toy Story", "--template=99",
+                  "--params=export")
   assert out.returncode == 2 and "Traceback" not in out.stderr
   errors = [l for l in out.stderr.splitlines() if "error" in l]
   assert len(errors) == 1 and errors[0].startswith("recommend: error: --template=99: ")

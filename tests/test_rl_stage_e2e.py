@@ -48,6 +48,10 @@ def test_rl_stage_end_to_end(tmp_path):
   assert manifest["upstream"]["rl"].startswith("sha256:")
   rows = [json.loads(x) for x in (wd / "rl" / "metrics.jsonl").read_text().splitlines()]
   assert {"rl/reward", "rl/kl", "rl/zero_adv_share"} <= set(rows[0])
+  from lcrec_jax import recommend as rec   # recommend / the server serve the rl policy
+  served = rec.load_finished_run(str(wd))
+  assert served.source == "rl" and served.step == 2
+  assert served.params_path.endswith(os.path.join("rl", "checkpoints"))
   log = _run(wd, emb, *RL)   # default stages: the finished rl stage is current
   assert "== stage eval (reuse)" in log and "== stage rl" not in log
   # The collaborative reward from a saved SASRec (random, tiny): the stage runs again from

@@ -158,7 +158,7 @@ def served(tmp_path_factory):
   from lcrec_jax.serve.engine import Engine
   workdir = str(tmp_path_factory.mktemp("run"))
   _write_run(workdir)
-  run = rec.load_finished_run(workdir)
+  run = rec.load_finished_run(workdir, "export")
   return workdir, run, Engine(run, (1, 4))
 
 
@@ -396,7 +396,7 @@ def test_server_process_answers_then_drains_on_sigterm(served):
   workdir, run, _ = served
   proc = subprocess.Popen(
       [sys.executable, "-m", "lcrec_jax.serve", f"--workdir={workdir}", "--port=0",
-       "--max_batch=16", "--batch_sizes=1,16", "--max_wait_ms=3000"],
+       "--max_batch=16", "--batch_sizes=1,16", "--max_wait_ms=3000", "--params=export"],
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=_env())
   try:
     line = proc.stdout.readline()

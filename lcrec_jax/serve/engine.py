@@ -1,7 +1,10 @@
 """The model side of the server: a finished run restored once, its beam search compiled.
 
 :class:`Engine` holds what ``lcrec_jax.recommend`` builds per call (the run, the item
-matcher, a :class:`lcrec_jax.eval.evaluate.Decoder` with the trie and code tables) and
+matcher, a :class:`lcrec_jax.eval.evaluate.Decoder` with the trie and code tables, on the
+mesh the run's params live on: the eval stage's checkpoint restored onto the recipe's
+``config.mesh``, each batch split over ``data`` x ``fsdp``; one device for
+``--params=export``) and
 decodes *batches* of histories in one constrained beam search per prompt bucket, padded
 to the nearest of a few fixed batch sizes compiled at start-up (:meth:`Engine.warmup`).
 
@@ -78,8 +81,10 @@ class Engine:
     self.run = run
     self.matcher = rec.ItemMatcher(run.dataset)
     self.decoder = ev.Decoder(run.model, run.tokenizer, run.index,
-                              run.config.tasks.buckets)
-    self.params = jax.device_put(run.params)  # once, not per call
+                              run.config.tasks.buckets, mesh=run.mesh)
+    # Restored params stay as they are, sharded on run.mesh; host arrays (the export) go
+    # to the default device once, not per call.
+    self.params = run.params if run.mesh is not None else jax.device_put(run.params)
     self.num_beams = rec.beam_width(run, 1)
     self.max_k = self.num_beams
     self.batch_sizes = tuple(sorted(set(int(b) for b in batch_sizes)))

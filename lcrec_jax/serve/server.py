@@ -3,8 +3,10 @@
   python -m lcrec_jax.serve --workdir=runs/ml100k --port=8080
   python -m lcrec_jax.serve --workdir=runs/ml100k --host=0.0.0.0 --api_key_file=key.txt
 
-Start-up: the run is loaded (a bad workdir is one line and exit 2, before anything
-listens), the socket is bound (``--port=0``: an ephemeral one) and announced as
+Start-up: the run is loaded as ``recommend`` loads it (the eval stage's params from the
+checkpoint, sharded on the recipe's mesh; ``--params=export``: the HF export on one device;
+the log names which; a bad workdir or a missing checkpoint is one line and exit 2, before
+anything listens), the socket is bound (``--port=0``: an ephemeral one) and announced as
 ``serve: listening on http://HOST:PORT`` on stdout, then the beam search is compiled in
 the background: ``/healthz`` answers at once, ``/readyz`` and the ``/v1`` routes once it is
 compiled. SIGTERM stops accepting connections, answers every request already accepted,
@@ -17,6 +19,7 @@ import ipaddress
 import logging
 import signal
 import socket
+import time
 from typing import Sequence
 
 from absl import app as absl_app, flags
@@ -25,7 +28,7 @@ from lcrec_jax.errors import ConfigError
 
 # Flag holders, set by define_flags.
 _WORKDIR = _HOST = _PORT = _MAX_BATCH = _BATCH_SIZES = _MAX_WAIT = _QUEUE = None
-_DEADLINE = _MAX_BODY = _MAX_HISTORY = _KEY_FILE = _ACCESS_LOG = None
+_DEADLINE = _MAX_BODY = _MAX_HISTORY = _KEY_FILE = _ACCESS_LOG = _PARAMS = None
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS,
@@ -35,7 +38,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS,
   :func:`lcrec_jax.main.define_flags`)."""
   del argv  # no config flag
   global _WORKDIR, _HOST, _PORT, _MAX_BATCH, _BATCH_SIZES, _MAX_WAIT  # pylint: disable=global-statement
-  global _QUEUE, _DEADLINE, _MAX_BODY, _MAX_HISTORY, _KEY_FILE, _ACCESS_LOG  # pylint: disable=global-statement
+  global _QUEUE, _DEADLINE, _MAX_BODY, _MAX_HISTORY, _KEY_FILE, _ACCESS_LOG, _PARAMS  # pylint: disable=global-statement
+  from lcrec_jax.recommend import define_params_flag  # pylint: disable=g-import-not-at-top
   _WORKDIR = flags.DEFINE_string("workdir", None, "A finished run directory (lcrec_jax.main).",
                                  flag_values=fv)
   _HOST = flags.DEFINE_string("host", "127.0.0.1",
@@ -61,6 +65,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS,
                                   "request but /healthz and /readyz must send.", flag_values=fv)
   _ACCESS_LOG = flags.DEFINE_bool("access_log", False, "Log every request (uvicorn).",
                                   flag_values=fv)
+  _PARAMS = define_params_flag(fv)
   return fv
 
 
@@ -157,7 +162,11 @@ def main(argv: Sequence[str]) -> None:
   from lcrec_jax.serve.engine import Engine  # pylint: disable=g-import-not-at-top
 
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-  engine = Engine(rec.load_finished_run(_WORKDIR.value), sizes)
+  t0 = time.perf_counter()
+  run = rec.load_finished_run(_WORKDIR.value, _PARAMS.value)
+  logging.getLogger("lcrec_jax.serve").info("params: %s (%.1f s)", rec.describe_params(run),
+                                            time.perf_counter() - t0)
+  engine = Engine(run, sizes)
   sock = bind(_HOST.value, _PORT.value)
   host, port = sock.getsockname()[:2]
   shown = f"[{host}]" if ":" in host else host

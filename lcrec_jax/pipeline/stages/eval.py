@@ -10,7 +10,7 @@ the model and tokenizer are rebuilt from the recipe exactly as training built th
 (a trained tokenizer from ``<workdir>/train/tokenizer/``). The beam search then decodes
 with the sharded params, each batch of users split over ``data`` x ``fsdp``
 (:class:`lcrec_jax.eval.evaluate.Decoder`). The HF export ``<workdir>/model/`` is an
-output for other tools and ``recommend``; it is not read here (its ``DONE`` marks the
+output for other tools (``recommend --params=export``); it is not read here (its ``DONE`` marks the
 train stage as finished). Runs :func:`lcrec_jax.eval.evaluate.evaluate` over the
 configured seqrec templates and masks, writes ``<workdir>/eval/results.json`` atomically
 and prints the table, next to the baselines of ``<workdir>/baselines/results.json`` when
@@ -91,7 +91,7 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, index: ItemInd
       ckpt_dir, model, tree, mask, mesh, mesh_lib.axis_rules(config.mesh),
       compute_dtype=dtype)
   check_finite(params, f"{ckpt_dir} (step {step}): params")  # a diverged model is not evaluated
-  logging.info("eval stage: params of step %d restored from %s onto mesh %s (%s)", step,
+  logging.info("params of step %d restored from %s onto mesh %s (%s)", step,
                ckpt_dir, dict(mesh.shape), dtype)
   return model, params, tokenizer
 
