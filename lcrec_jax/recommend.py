@@ -164,9 +164,10 @@ def restore_checkpoint(workdir: str, config: ml_collections.ConfigDict, dataset:
   import jax  # pylint: disable=g-import-not-at-top
   from lcrec_jax.eval import restore as restore_lib  # pylint: disable=g-import-not-at-top
   from lcrec_jax.pipeline.stages import eval as eval_stage  # pylint: disable=g-import-not-at-top
-  from lcrec_jax.pipeline.workdir import Layout  # pylint: disable=g-import-not-at-top
+  from lcrec_jax.pipeline.workdir import Layout, absolute  # pylint: disable=g-import-not-at-top
   from lcrec_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
 
+  workdir = absolute(workdir)  # orbax restores only absolute paths; `--workdir=runs/x` is usual
   lay = Layout(workdir)
   source = eval_stage.policy_source(workdir)
   ckpt_dir = lay.rl_checkpoints if source == "rl" else lay.train_checkpoints

@@ -89,3 +89,13 @@ def test_no_checkpoint_names_it_and_the_export_flag(workdir, tmp_path):
                  "--params=export", "--json")
   assert ok.returncode == 0, ok.stderr[-2000:]
   assert '"source": "export"' in ok.stdout
+
+
+@pytest.mark.slow
+def test_relative_workdir_as_the_readme_gives_it(workdir):
+  """`--workdir=runs/ml100k` from the repository root: orbax needs absolute paths."""
+  parent, name = os.path.split(workdir)
+  out = entry.run("recommend", f"--workdir={name}", "--history=Toy Story; 50", "--k=3",
+                  "--json", cwd=parent)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert '"source": "train"' in out.stdout and '"step": 2' in out.stdout
