@@ -4,7 +4,8 @@
   python benchmarks/serve_load.py --url=http://127.0.0.1:8080 --clients=32 --seconds=30 --k=10
 
 Each client (one keep-alive HTTP/1.1 connection; a minimal asyncio client, so that it takes
-little of the CPU it shares with the server) sends ``POST /v1/recommend`` requests back to
+little of the CPU it shares with the server; standard library only, so it runs after the
+README's install without the test extras) sends ``POST /v1/recommend`` requests back to
 back (a fresh seeded history of 5-20 item ids out of ``--num_items`` each time; MovieLens
 ids are 1..1682) and waits for the answer. Reports, as one json line: requests per second answered 200, latency
 p50/p95/p99 of the 200s (ms), counts by status (and ``error:<kind>`` for connection
@@ -27,8 +28,7 @@ import os
 import random
 import time
 import urllib.parse
-
-import httpx
+import urllib.request
 
 MAX_CLIENTS, MAX_SECONDS = 512, 600
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -48,15 +48,25 @@ def history(rng: random.Random, num_items: int) -> list[str]:
 
 class Connection:
   """One HTTP/1.1 keep-alive connection, as little client CPU per request as possible (the
-  client shares the machine with the server it measures)."""
+  client shares the machine with the server it measures).
+
+  A connection idle for longer than ``IDLE_S`` is reopened before it is used: uvicorn
+  closes keep-alive connections idle for 5 s (``timeout_keep_alive``), and a request
+  written to one of those reads EOF, a failure the server never saw (HTTP clients retry
+  such a stale connection; this one does not send on it)."""
+
+  IDLE_S = 4.0
 
   def __init__(self, host: str, port: int, headers: dict):
     self.host, self.port = host, port
     self.extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     self.reader = self.writer = None
+    self.last_used = 0.0
 
   async def post(self, path: str, body: bytes) -> int:
     """The response status (the body is read and dropped)."""
+    if self.writer is not None and time.monotonic() - self.last_used > self.IDLE_S:
+      self.close()
     if self.writer is None:
       self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
     self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: "
@@ -75,6 +85,7 @@ class Connection:
       elif key == "connection":
         close = value.strip().lower() == "close"
     await self.reader.readexactly(length)
+    self.last_used = time.monotonic()
     if close:
       self.close()
     return status
@@ -137,7 +148,9 @@ async def open_loop(new_conn, args, stats, stop_at: float) -> None:
 
 def batch_sizes(url: str, headers: dict) -> dict[str, float]:
   """Mean queries per beam-search call and calls, from the server's /metrics."""
-  text = httpx.get(url + "/metrics", headers=headers, timeout=10).text
+  req = urllib.request.Request(url + "/metrics", headers=headers)
+  with urllib.request.urlopen(req, timeout=10) as resp:  # loopback only, checked in main
+    text = resp.read().decode()
   vals = {}
   for line in text.splitlines():
     for name in ("lcrec_serve_batch_size_sum", "lcrec_serve_batch_size_count"):

@@ -450,3 +450,44 @@ def test_serve_load_percentile_and_loopback_only():
                         "--url=http://10.1.2.3:8080"], capture_output=True, text=True,
                        timeout=60)
   assert out.returncode == 2 and "loopback hosts only" in out.stderr
+
+
+def test_serve_load_reopens_a_connection_the_server_closed_while_idle():
+  """A server that closes keep-alive connections idle for 0.2 s (as uvicorn does after 5 s):
+  a request after 0.3 s idle must go out on a fresh connection and get its 200, where
+  writing it on the closed one reads EOF (the resets the overload benchmark once counted)."""
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import serve_load
+
+  async def scenario(idle_s: float) -> list[str]:
+    accepted = []
+
+    async def handle(reader, writer):
+      accepted.append(1)
+      while True:
+        try:
+          head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.2)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError):
+          break
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+      writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    conn = serve_load.Connection("127.0.0.1", port, {})
+    conn.IDLE_S = idle_s
+    stats = {"status": __import__("collections").Counter(), "latency": []}
+    await serve_load.one(conn, {"history": ["1"]}, stats, 5.0)
+    await asyncio.sleep(0.35)
+    await serve_load.one(conn, {"history": ["1"]}, stats, 5.0)
+    conn.close()
+    server.close()
+    await server.wait_closed()
+    return sorted(stats["status"].elements()) + [f"accepted:{len(accepted)}"]
+
+  assert asyncio.run(scenario(0.1)) == ["200", "200", "accepted:2"]
+  # the same client without the reopen (idle limit above the server's) fails as it did
+  assert asyncio.run(scenario(60.0)) == ["200", "error:ConnectionResetError", "accepted:1"]
