@@ -161,7 +161,11 @@ def batch_sizes(url: str, headers: dict) -> dict[str, float]:
 
 async def run(args) -> dict:
   headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-  before = batch_sizes(args.url, headers)
+  try:
+    before = batch_sizes(args.url, headers)
+  except OSError as e:  # urllib's URLError too: nothing listens, or it is not the server
+    raise SystemExit(f"serve_load: error: --url={args.url}: no server answers /metrics "
+                     f"({getattr(e, 'reason', e)}); start python -m lcrec_jax.serve first")
   stats = {"status": collections.Counter(), "latency": []}
   parts = urllib.parse.urlsplit(args.url)
   new_conn = lambda: Connection(parts.hostname, parts.port or 80, headers)  # noqa: E731
@@ -177,7 +181,10 @@ async def run(args) -> dict:
   else:
     await closed_loop(new_conn, args, stats, stop_at)
   wall = time.perf_counter() - t0
-  after = batch_sizes(args.url, headers)
+  try:
+    after = batch_sizes(args.url, headers)
+  except OSError:  # the server went away during the run: its counts are still reported
+    after = before
   calls = after.get("lcrec_serve_batch_size_count", 0) - before.get(
       "lcrec_serve_batch_size_count", 0)
   queries = after.get("lcrec_serve_batch_size_sum", 0) - before.get(

@@ -5,6 +5,7 @@ The model tests use the finished-run layout of tests/test_recommend.py (MovieLen
 titles, a random tiny LLaMA) and compile the beam search for two batch sizes."""
 
 import asyncio
+import collections
 import concurrent.futures
 import copy
 import os
@@ -438,10 +439,16 @@ def test_server_process_answers_then_drains_on_sigterm(served):
 # --- the load benchmark --------------------------------------------------------------------
 
 
+def _serve_load():
+  """benchmarks/serve_load.py as a module (benchmarks/ is not a package)."""
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import serve_load  # pylint: disable=g-import-not-at-top
+  return serve_load
+
+
 def test_serve_load_percentile_and_loopback_only():
   import math
-  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-  import serve_load
+  serve_load = _serve_load()
   xs = [float(x) for x in range(1, 101)]  # nearest rank: the ceil(q * n)-th smallest
   for q in (0.5, 0.95, 0.99, 1.0):
     assert serve_load.percentile(xs[::-1], q) == xs[math.ceil(q * len(xs)) - 1]
@@ -454,10 +461,9 @@ def test_serve_load_percentile_and_loopback_only():
 
 def test_serve_load_reopens_a_connection_the_server_closed_while_idle():
   """A server that closes keep-alive connections idle for 0.2 s (as uvicorn does after 5 s):
-  a request after 0.3 s idle must go out on a fresh connection and get its 200, where
+  a request after 0.35 s idle must go out on a fresh connection and get its 200, where
   writing it on the closed one reads EOF (the resets the overload benchmark once counted)."""
-  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-  import serve_load
+  serve_load = _serve_load()
 
   async def scenario(idle_s: float) -> list[str]:
     accepted = []
@@ -479,7 +485,7 @@ def test_serve_load_reopens_a_connection_the_server_closed_while_idle():
     port = server.sockets[0].getsockname()[1]
     conn = serve_load.Connection("127.0.0.1", port, {})
     conn.IDLE_S = idle_s
-    stats = {"status": __import__("collections").Counter(), "latency": []}
+    stats = {"status": collections.Counter(), "latency": []}
     await serve_load.one(conn, {"history": ["1"]}, stats, 5.0)
     await asyncio.sleep(0.35)
     await serve_load.one(conn, {"history": ["1"]}, stats, 5.0)
@@ -491,3 +497,18 @@ def test_serve_load_reopens_a_connection_the_server_closed_while_idle():
   assert asyncio.run(scenario(0.1)) == ["200", "200", "accepted:2"]
   # the same client without the reopen (idle limit above the server's) fails as it did
   assert asyncio.run(scenario(60.0)) == ["200", "error:ConnectionResetError", "accepted:1"]
+
+
+def test_serve_load_without_a_server_is_one_line_naming_the_url():
+  import socket
+  with socket.socket() as sock:  # a loopback port nothing listens on once closed
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  out = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "serve_load.py"),
+                        f"--url=http://127.0.0.1:{port}", "--seconds=1"],
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  err = out.stderr.strip()
+  assert err.startswith(f"serve_load: error: --url=http://127.0.0.1:{port}: no server answers "
+                        "/metrics (") and err.endswith("start python -m lcrec_jax.serve first")
+  assert "\n" not in err
